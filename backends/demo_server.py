@@ -1,0 +1,548 @@
+"""The bundled demo model server: a stand-alone, standard-library-only stand-in for a GPU model server.
+
+It owns nothing of shepherd and imports nothing from it. shepherd's `demo` backend launches it, and the
+end-to-end tests launch it as a real child process, so it behaves like a real model server where it
+matters to a supervisor:
+
+* it prints a loading sequence and only then binds its port (like vLLM: connection refused while
+  loading), binding BEFORE it prints the ready line `demo: model loaded, serving on http://HOST:PORT`;
+* it serves `GET /health`, `POST /generate`, `POST /generate_stream` (SSE over chunked encoding, one
+  chunk per token, flushed at once), `GET /stats` (request / disconnect counters, for tests);
+* it notices clients that go away mid-generation, stops generating, and counts them;
+* on SIGTERM/SIGINT it exits 0 at once, even with streams and keep-alive connections open;
+* switches turn on the faults a supervisor must survive: crash, hang during load, ignore SIGTERM, a
+  grandchild in its own session, an output flood, invalid UTF-8, an error line, a failing /health.
+
+Every flag also reads an environment variable (the flag wins):
+
+    --host              DEMO_HOST              127.0.0.1
+    --port              DEMO_PORT              5001 (0 = any free port; the ready line names it)
+    --load-delay        DEMO_LOAD_DELAY        1.0 s (spread over the 0% / 50% / 100% lines)
+    --token-interval    DEMO_TOKEN_INTERVAL    0.005 s per generated token
+    --crash-after       DEMO_CRASH_AFTER       off; seconds after start -> stderr line, exit 1
+    --hang              DEMO_HANG              off; print the loading lines, then never get ready
+    --ignore-sigterm    DEMO_IGNORE_SIGTERM    off; SIGTERM is ignored (SIGINT still stops it)
+    --grandchild        DEMO_GRANDCHILD        off; spawn a sleeper in its own session, never reaped
+    --flood N           DEMO_FLOOD             0; N lines `flood line i` after ready, then `flood done N`
+    --invalid-utf8      DEMO_INVALID_UTF8      off; raw bytes b"bad bytes: \\xff\\xfe\\xfa end\\n" at start
+    --error-line TEXT   DEMO_ERROR_LINE        off; TEXT on stderr after the ready line
+    --health-fail-after DEMO_HEALTH_FAIL_AFTER off; seconds after ready, /health answers 503
+
+Boolean variables accept 1/true/yes/on and 0/false/no/off. A malformed value exits 2 (argparse).
+
+Run it as `python -m backends.demo_server` from the repository root or `python backends/demo_server.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+READY_MARKER = "model loaded, serving on"
+DEFAULT_MAX_NEW_TOKENS = 16
+MAX_BODY_BYTES = 16 * 1024 * 1024
+# How often a waiting generation looks at its socket for a client that left: short enough that a
+# disconnect is noticed promptly, long enough not to spin.
+DISCONNECT_POLL_S = 0.05
+INVALID_UTF8_BYTES = b"bad bytes: \xff\xfe\xfa end\n"
+GRANDCHILD_CODE = "import time; [time.sleep(1) for _ in iter(int, 1)]"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+# print() writes the text and the newline as two writes, so lines from request threads could
+# interleave; one lock and one write per line keeps every line whole for the supervisor's reader.
+_out_lock = threading.Lock()
+
+
+def emit(line: str, *, err: bool = False) -> None:
+    """Write one whole line and flush at once: a supervisor reads our pipe line by line."""
+    stream = sys.stderr if err else sys.stdout
+    with _out_lock:
+        stream.write(line + "\n")
+        stream.flush()
+
+
+def emit_raw(data: bytes) -> None:
+    """Write raw bytes (possibly invalid UTF-8) to stdout, keeping order with the text lines."""
+    with _out_lock:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+
+def _exit_now(message: str, code: int) -> None:
+    """Say why and leave at once.
+
+    os.write bypasses the buffered stdout (a signal may land while another write holds it), and
+    os._exit skips joining request threads and closing keep-alive sockets, which could hang.
+    """
+    try:
+        os.write(1, (message + "\n").encode())
+    except OSError:
+        pass  # the reader is gone; exiting matters more than the goodbye line
+    os._exit(code)
+
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def start_daemon(thread: threading.Thread) -> None:
+    """Start a daemon thread that never receives SIGTERM/SIGINT.
+
+    The kernel may hand a process signal to any thread that does not block it. Python then only
+    flags it for the main thread, which, asleep in a syscall, would not run the handler for an hour.
+    A new thread inherits the signal mask of its creator (request threads inherit the serve
+    thread's), so blocking the stop signals around start() keeps them all off every worker thread.
+    """
+    thread.daemon = True
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class Stats:
+    """Counters for the generation routes, read by tests through GET /stats."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.in_flight = 0
+        self.disconnects = 0
+        self.completed = 0
+
+    def started(self) -> None:
+        with self._lock:
+            self.requests += 1
+            self.in_flight += 1
+
+    def finished(self, *, disconnected: bool) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            if disconnected:
+                self.disconnects += 1
+            else:
+                self.completed += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "requests": self.requests,
+                "in_flight": self.in_flight,
+                "disconnects": self.disconnects,
+                "completed": self.completed,
+                "pid": os.getpid(),
+            }
+
+
+class RequestError(Exception):
+    """A request we answer with an error status and a JSON body."""
+
+    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.close = close
+
+
+class DemoServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with the settings a proxied model server needs."""
+
+    daemon_threads = True  # request threads never delay exit
+    # The default backlog of 5 drops SYNs under a burst of concurrent clients (1 s retransmits).
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        token_interval: float,
+        health_fail_after: float | None,
+    ) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.token_interval = token_interval
+        self.health_fail_after = health_fail_after
+        self.ready_at = time.monotonic()
+        self.stats = Stats()
+        super().__init__(address, DemoHandler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind calls socket.getfqdn(), a reverse DNS lookup that can take seconds
+        # in a container without DNS; the name is never used, so skip it.
+        socketserver.TCPServer.server_bind(self)  # bind only, no name lookup
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+
+class DemoHandler(BaseHTTPRequestHandler):
+    """One HTTP/1.1 keep-alive connection; every response carries its length or is chunked."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "demo-model-server/1.0"
+    # Small SSE chunks must leave at once, not wait for the previous segment's ACK (Nagle plus the
+    # peer's delayed ACK adds ~40 ms per token).
+    disable_nagle_algorithm = True
+    server: DemoServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+        """Silence the default stderr access log; we print our own short line to stdout."""
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/health":
+            fail_after = self.server.health_fail_after
+            unhealthy = fail_after is not None and time.monotonic() - self.server.ready_at >= fail_after
+            status = 503 if unhealthy else 200
+            self._send_json(status, {"status": "unhealthy" if unhealthy else "ok"})
+        elif path == "/stats":
+            self._send_json(200, self.server.stats.snapshot())
+        else:
+            self._send_json(404, {"error": f"no route GET {path}"})
+        emit(f"demo: GET {path} {self._status}")
+
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        handlers: dict[str, Callable[[dict[str, Any]], None]] = {
+            "/generate": self._generate,
+            "/generate_stream": self._generate_stream,
+        }
+        try:
+            body = self._read_body()
+            handler = handlers.get(path)
+            if handler is None:
+                raise RequestError(404, f"no route POST {path}")
+            handler(self._parse_payload(body))
+        except RequestError as exc:
+            if exc.close:
+                self.close_connection = True
+            self._send_json(exc.status, {"error": exc.message, "error_type": "validation"})
+            emit(f"demo: POST {path} {exc.status} {exc.message}")
+
+    # -- generation --------------------------------------------------------------------------
+
+    def _generate(self, payload: dict[str, Any]) -> None:
+        n, sleep_s = _parameters(payload)
+        stats = self.server.stats
+        stats.started()
+        done = 0
+        gone = self._wait(sleep_s)
+        while not gone and done < n:
+            gone = self._wait(self.server.token_interval)
+            if not gone:
+                done += 1
+        if gone:
+            self._client_left(done)
+            return
+        stats.finished(disconnected=False)
+        text = " ".join(f"tok{i}" for i in range(n))
+        self._send_json(200, {"generated_text": text, "tokens": n, "pid": os.getpid()})
+        emit(f"demo: POST /generate 200 tokens={n}")
+
+    def _generate_stream(self, payload: dict[str, Any]) -> None:
+        n, sleep_s = _parameters(payload)
+        stats = self.server.stats
+        stats.started()
+        sent = 0
+        try:
+            if self._wait(sleep_s):
+                raise ConnectionResetError("client left before the first token")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(n):
+                if self._wait(self.server.token_interval):
+                    raise ConnectionResetError("client left")
+                event = {"token": {"id": i, "text": f"tok{i}"}, "index": i}
+                self._write_chunk(f"data: {json.dumps(event)}\n\n".encode())
+                sent += 1
+            self._write_chunk(b"data: [DONE]\n\n")
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError):
+            self._client_left(sent)
+            return
+        stats.finished(disconnected=False)
+        emit(f"demo: POST /generate_stream 200 tokens={n}")
+
+    def _client_left(self, tokens: int) -> None:
+        # The socket is dead or half-closed: never reuse it.
+        self.close_connection = True
+        self.server.stats.finished(disconnected=True)
+        emit(f"demo: client disconnected after {tokens} tokens")
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep `seconds` while watching the socket; True as soon as the client has gone away.
+
+        A readable socket that peeks as b"" is a closed peer. A readable socket with data (a
+        pipelined next request) is not, so that case falls back to plain sleeping.
+        """
+        deadline = time.monotonic() + seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            step = min(remaining, DISCONNECT_POLL_S)
+            try:
+                readable, _, _ = select.select([self.connection], [], [], step)
+                if readable:
+                    if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                        return True
+                    time.sleep(step)
+            except (OSError, ValueError):
+                return True
+
+    # -- HTTP plumbing -----------------------------------------------------------------------
+
+    def _read_body(self) -> bytes:
+        """Read a Content-Length or chunked request body (a streaming proxy may send either)."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked_body()
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return b""
+        try:
+            length = int(raw)
+        except ValueError:
+            raise RequestError(400, f"bad Content-Length {raw!r}", close=True) from None
+        if length < 0:
+            raise RequestError(400, f"bad Content-Length {raw!r}", close=True)
+        if length > MAX_BODY_BYTES:
+            raise RequestError(413, f"body over {MAX_BODY_BYTES} bytes", close=True)
+        return self.rfile.read(length)
+
+    def _read_chunked_body(self) -> bytes:
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise RequestError(400, "bad chunk size", close=True) from None
+            if size == 0:
+                # Skip trailers up to the blank line that ends the body.
+                while self.rfile.readline(65536) not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(parts)
+            total += size
+            if total > MAX_BODY_BYTES:
+                raise RequestError(413, f"body over {MAX_BODY_BYTES} bytes", close=True)
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(16)  # the CRLF after the chunk data
+
+    def _parse_payload(self, body: bytes) -> dict[str, Any]:
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RequestError(400, f"invalid JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise RequestError(400, "body must be a JSON object")
+        return payload
+
+    def _write_chunk(self, data: bytes) -> None:
+        # One write per chunk (size line, data, CRLF) so each event leaves in its own segment.
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _send_json(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self._status = status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    _status: int = 0
+
+
+def _parameters(payload: dict[str, Any]) -> tuple[int, float]:
+    """Validate the payload; returns (max_new_tokens, sleep seconds before answering)."""
+    inputs = payload.get("inputs", "")
+    if not isinstance(inputs, str):
+        raise RequestError(400, "`inputs` must be a string")
+    params = payload.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise RequestError(400, "`parameters` must be an object")
+    n = params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    if n is None:
+        n = DEFAULT_MAX_NEW_TOKENS
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise RequestError(400, "`max_new_tokens` must be a non-negative integer")
+    sleep_s = params.get("sleep", 0.0) or 0.0
+    if isinstance(sleep_s, bool) or not isinstance(sleep_s, (int, float)) or sleep_s < 0:
+        raise RequestError(400, "`sleep` must be a non-negative number of seconds")
+    return n, float(sleep_s)
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def _env(name: str) -> str | None:
+    raw = os.environ.get(name)
+    return None if raw is None else raw.strip()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="demo_server", description="shepherd's demo model server (standard library only)"
+    )
+
+    def env_float(name: str, default: float | None) -> float | None:
+        raw = _env(name)
+        if raw is None or raw == "" or raw.lower() == "off":
+            return default
+        try:
+            return float(raw)
+        except ValueError:
+            parser.error(f"{name}={raw!r}: expected a number of seconds")
+            raise AssertionError("unreachable: parser.error exits") from None
+
+    def env_int(name: str, default: int) -> int:
+        raw = _env(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            parser.error(f"{name}={raw!r}: expected an integer")
+            raise AssertionError("unreachable: parser.error exits") from None
+
+    def env_flag(name: str) -> bool:
+        raw = _env(name)
+        if raw is None or raw.lower() in _FALSE:
+            return False
+        if raw.lower() in _TRUE:
+            return True
+        parser.error(f"{name}={raw!r}: expected one of 1/true/yes/on or 0/false/no/off")
+        raise AssertionError("unreachable: parser.error exits")
+
+    parser.add_argument("--host", default=_env("DEMO_HOST") or "127.0.0.1")
+    parser.add_argument("--port", type=int, default=env_int("DEMO_PORT", 5001))
+    parser.add_argument("--load-delay", type=float, default=env_float("DEMO_LOAD_DELAY", 1.0))
+    parser.add_argument("--token-interval", type=float, default=env_float("DEMO_TOKEN_INTERVAL", 0.005))
+    parser.add_argument("--crash-after", type=float, default=env_float("DEMO_CRASH_AFTER", None))
+    parser.add_argument("--hang", action="store_true", default=env_flag("DEMO_HANG"))
+    parser.add_argument("--ignore-sigterm", action="store_true", default=env_flag("DEMO_IGNORE_SIGTERM"))
+    parser.add_argument("--grandchild", action="store_true", default=env_flag("DEMO_GRANDCHILD"))
+    parser.add_argument("--flood", type=int, default=env_int("DEMO_FLOOD", 0), metavar="N")
+    parser.add_argument("--invalid-utf8", action="store_true", default=env_flag("DEMO_INVALID_UTF8"))
+    parser.add_argument("--error-line", default=_env("DEMO_ERROR_LINE") or None, metavar="TEXT")
+    parser.add_argument(
+        "--health-fail-after", type=float, default=env_float("DEMO_HEALTH_FAIL_AFTER", None)
+    )
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: expected 0..65535")
+    for name in ("load_delay", "token_interval", "crash_after", "health_fail_after"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            parser.error(f"--{name.replace('_', '-')} {value}: expected >= 0")
+    if args.flood < 0:
+        parser.error(f"--flood {args.flood}: expected >= 0")
+    return args
+
+
+def _on_stop_signal(signum: int, _frame: object) -> None:
+    name = signal.Signals(signum).name
+    _exit_now(f"demo: received {name}, shutting down", 0)
+
+
+def _crash(after: float) -> None:
+    with _out_lock:
+        sys.stdout.flush()
+        sys.stderr.write(f"demo: crashing on purpose after {after:g} s\n")
+        sys.stderr.flush()
+    os._exit(1)
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+
+    if args.grandchild:
+        # Spawned before any SIG_IGN is set (an ignored signal survives exec). Its own session, as
+        # TGI/vLLM shards are, so killing our process group misses it; it inherits our stdout and
+        # stderr like real shards do, so a reader waiting for EOF also waits for it.
+        grandchild = subprocess.Popen(
+            [sys.executable, "-c", GRANDCHILD_CODE],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    signal.signal(signal.SIGINT, _on_stop_signal)
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, _on_stop_signal)
+    if args.crash_after is not None:
+        start_daemon(threading.Timer(args.crash_after, _crash, args=(args.crash_after,)))
+
+    emit(f"demo: starting (pid={os.getpid()})")
+    if args.ignore_sigterm:
+        emit("demo: ignoring SIGTERM")
+    if args.grandchild:
+        emit(f"demo: grandchild pid={grandchild.pid}")
+    if args.invalid_utf8:
+        emit_raw(INVALID_UTF8_BYTES)
+
+    # Loading: the port stays closed (connection refused), as with vLLM.
+    emit("demo: loading model weights 0%")
+    time.sleep(args.load_delay / 2)
+    emit("demo: loading model weights 50%")
+    time.sleep(args.load_delay / 2)
+    emit("demo: loading model weights 100%")
+
+    if args.hang:
+        # A load that never finishes: no ready line, no port. Signals still stop us.
+        while True:
+            time.sleep(3600)
+
+    # Bind before the ready line, so a supervisor that sees the line can connect at once.
+    server = DemoServer(
+        (args.host, args.port),
+        token_interval=args.token_interval,
+        health_fail_after=args.health_fail_after,
+    )
+    server.ready_at = time.monotonic()
+    start_daemon(threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="serve"))
+    emit(f"demo: {READY_MARKER} {_url(args.host, server.server_port)}")
+
+    if args.error_line:
+        emit(args.error_line, err=True)
+    if args.flood:
+        for i in range(args.flood):
+            emit(f"flood line {i}")
+        emit(f"flood done {args.flood}")
+
+    # The main thread only waits: SIGTERM/SIGINT handlers run here and exit the process.
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+"""The backends shepherd knows, by name."""
+
+from __future__ import annotations
+
+from backends import demo, generic
+from backends.spec import BackendSpec
+
+BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (demo.SPEC, generic.SPEC)}
+
+
+def get_backend(name: str) -> BackendSpec:
+    return BACKENDS[name]

@@ -1,0 +1,161 @@
+"""Admission control: whether an admitted request may go to the model now, later, or not at all.
+
+This module owns the queueing policy in front of the model server. For one request, in order:
+
+1. Draining: 503 at once (the worker is going away; the client should ask `/route/` again).
+2. Not ready: wait for readiness, at most until the request's queue deadline
+   (`route.max_queue_time` after it arrived), else 503. Draining during the wait also gives 503.
+3. Estimated wait over the time left before the deadline: 429. The estimate is Vast's
+   (vast-protocol.md §1.5 step 6): the work ahead of this request, i.e. all work running and waiting
+   in the ledger except its own, divided by the capacity in units/s. A capacity of 0 (or anything not
+   positive and finite) means "not measured yet" (before the benchmark): then no 429 is given on an
+   estimate, because dividing by a made-up 1e-6 would refuse every request on a fresh worker; the
+   deadline in step 4 still bounds the wait.
+4. Parallel routes go to the model at once. Non-parallel routes wait in a strict FIFO, one request at
+   a time per route path (a route that can only take one request at a time is a property of the
+   route's handler, not of the whole model server). Waiting past the deadline gives 429: the queue is
+   longer than `max_queue_time`, which is exactly what 429 tells Vast's client. A waiter whose client
+   leaves (its task is cancelled) leaves the FIFO without holding up the ones behind it.
+
+`Retry-After` on a 429 is the estimated excess wait rounded up (at least 1 s); on a 503 it is
+`unavailable_retry_after`. A rejection is written to the ledger here (`Ledger.reject`) before
+`Rejected` is raised; entering the model marks the record started; finishing it (success, error,
+cancelled) is the caller's job, after the `async with`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import NoReturn
+
+import trio
+
+from backends.spec import Route
+from proxy.ledger import Ledger, RequestRecord
+
+
+class Rejected(Exception):
+    """The request is refused with `status` (429 or 503); send `Retry-After: retry_after`."""
+
+    def __init__(self, status: int, retry_after: int, reason: str) -> None:
+        super().__init__(f"{status} {reason} (retry after {retry_after} s)")
+        self.status = status
+        self.retry_after = retry_after
+        self.reason = reason
+
+
+class Admission:
+    """Per-request admission decisions over one ledger.
+
+    `capacity()` is the measured throughput in workload units per second (0 while unknown);
+    `is_ready()` whether the model server takes requests; `ready_changed()` returns once readiness
+    may have changed (e.g. waits on the lifecycle's state-change event). `wall_clock` stamps the
+    ledger's `work_started_at`; deadlines use trio's clock.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        capacity: Callable[[], float],
+        is_ready: Callable[[], bool],
+        ready_changed: Callable[[], Awaitable[None]],
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        unavailable_retry_after: int = 5,
+    ) -> None:
+        self._ledger = ledger
+        self._capacity = capacity
+        self._is_ready = is_ready
+        self._ready_changed = ready_changed
+        self._wall_clock = wall_clock
+        self._unavailable_retry_after = unavailable_retry_after
+        self._drain = trio.Event()
+        self._fifos: dict[str, trio.StrictFIFOLock] = {}
+
+    @property
+    def draining(self) -> bool:
+        return self._drain.is_set()
+
+    def set_draining(self) -> None:
+        """Refuse new requests and wake those waiting for readiness (they get 503). Requests already
+        queued in a FIFO keep their place: they were accepted and drain like running ones."""
+        self._drain.set()
+
+    def estimated_wait(self, extra_work: float = 0.0) -> float | None:
+        """Seconds until `extra_work` more units would be served; None while capacity is unknown."""
+        capacity = self._capacity()
+        if not (capacity > 0.0 and math.isfinite(capacity)):
+            return None
+        work = self._ledger.running_work + self._ledger.waiting_work + extra_work
+        return max(work, 0.0) / capacity
+
+    def queued(self, route_path: str) -> int:
+        """Requests waiting in the FIFO of a non-parallel route."""
+        fifo = self._fifos.get(route_path)
+        return 0 if fifo is None else fifo.statistics().tasks_waiting
+
+    @asynccontextmanager
+    async def slot(self, route: Route, record: RequestRecord) -> AsyncIterator[None]:
+        """Hold the right to run `record` (admitted, still Created) against the model.
+
+        Raises `Rejected` on entry. The record is Started when the body runs.
+        """
+        deadline = trio.current_time() + route.max_queue_time
+        if self.draining:
+            self._reject(record, 503, self._unavailable_retry_after, "draining")
+        if not self._is_ready():
+            await self._wait_ready(deadline)
+            if self.draining:
+                self._reject(record, 503, self._unavailable_retry_after, "draining")
+            if not self._is_ready():
+                self._reject(record, 503, self._unavailable_retry_after, "not ready")
+
+        # Work ahead of this request: everything in the ledger but itself.
+        wait = self.estimated_wait(-record.workload)
+        remaining = deadline - trio.current_time()
+        if wait is not None and wait > remaining:
+            self._reject(record, 429, _seconds(wait - remaining), "estimated wait over max_queue_time")
+
+        if route.parallel:
+            self._ledger.start(record, self._wall_clock())
+            yield
+            return
+
+        fifo = self._fifos.setdefault(route.path, trio.StrictFIFOLock())
+        try:
+            fifo.acquire_nowait()  # a free lock has no waiters: taking it keeps FIFO order
+        except trio.WouldBlock:
+            with trio.move_on_at(deadline) as scope:
+                await fifo.acquire()
+            # Only a waiter still parked is cancelled: once handed the lock, acquire() returns.
+            if scope.cancelled_caught:
+                wait = self.estimated_wait(-record.workload)
+                self._reject(record, 429, _seconds(wait or 0.0), "queue wait over max_queue_time")
+        try:
+            self._ledger.start(record, self._wall_clock())
+            yield
+        finally:
+            fifo.release()
+
+    async def _wait_ready(self, deadline: float) -> None:
+        with trio.move_on_at(deadline):
+            while not self._is_ready() and not self.draining:
+                async with trio.open_nursery() as nursery:
+
+                    async def wake(wait: Callable[[], Awaitable[None]]) -> None:
+                        await wait()
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(wake, self._ready_changed)
+                    nursery.start_soon(wake, self._drain.wait)
+
+    def _reject(self, record: RequestRecord, status: int, retry_after: int, reason: str) -> NoReturn:
+        self._ledger.reject(record, self._wall_clock(), status)
+        raise Rejected(status, retry_after, reason)
+
+
+def _seconds(value: float) -> int:
+    return max(1, math.ceil(value)) if math.isfinite(value) else 1

@@ -1,0 +1,412 @@
+"""Configuration: one frozen `Config` built from command-line flags and the environment.
+
+Every setting is declared once in `SETTINGS` (flag, environment variable, type, default, help); the
+argparse parser, `--help` and the environment lookup are all generated from that table, so they
+cannot drift apart. A flag wins over its variable. Vast's variable names are used as they are.
+
+Anything invalid raises `ConfigError` with one line naming the setting and what was expected;
+`entrypoint.py` prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from backends.registry import BACKENDS, get_backend
+from backends.spec import BackendSpec
+from supervisor.rules import split_patterns
+
+VAST_REPORT_ADDR = "https://run.vast.ai"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names it and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Value parsers: text -> value, raising ValueError("expected ...") that names what was expected.
+
+
+def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(_expected_range("an integer", lo, hi)) from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ValueError(_expected_range("an integer", lo, hi))
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("expected a number of seconds >= 0") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("expected a number of seconds >= 0")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise ValueError("expected a number > 0")
+    return value
+
+
+def _expected_range(what: str, lo: int | None, hi: int | None) -> str:
+    if lo is not None and hi is not None:
+        return f"expected {what} from {lo} to {hi}"
+    if lo is not None:
+        return f"expected {what} >= {lo}"
+    return f"expected {what}"
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _backend(text: str) -> str:
+    name = text.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"expected one of {', '.join(sorted(BACKENDS))}")
+    return name
+
+
+def _url(text: str) -> str:
+    value = text.strip().rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http(s) URL such as http://127.0.0.1:5001")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ValueError("expected an http(s) URL with a valid port") from None
+    return value
+
+
+def _url_list(text: str) -> tuple[str, ...]:
+    return tuple(_url(item) for item in text.split(",") if item.strip())
+
+
+def _path(text: str) -> str:
+    value = text.strip()
+    if not value.startswith("/"):
+        raise ValueError("expected a path starting with /")
+    return value
+
+
+def _text(text: str) -> str:
+    return text.strip()
+
+
+def _command(text: str) -> tuple[str, ...]:
+    try:
+        args = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise ValueError(f"expected a shell-style command line ({exc})") from None
+    return args
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    return split_patterns(text)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # Config field
+    env: str | None
+    flag: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    group: str
+    metavar: str | None = None
+    is_switch: bool = False  # a flag without value (`--unsecured`) for a boolean setting
+
+    @property
+    def label(self) -> str:
+        return f"{self.env} ({self.flag})" if self.env else self.flag
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # -- the model server
+    Setting("backend", "BACKEND", "--backend", _backend, "generic",
+            f"model server kind: {', '.join(sorted(BACKENDS))}", "model server"),
+    Setting("model_cmd", "MODEL_CMD", "--model-cmd", _command, (),
+            "command that starts the model server, as a shell-style string (or give it after `--`)", "model server"),
+    Setting("model_log", "MODEL_LOG", "--model-log", _text, None,
+            "attach mode: the model server's log file to follow (no command given)", "model server", "PATH"),
+    Setting("model_server_url", "MODEL_SERVER_URL", "--model-server-url", _url, None,
+            "where the model server listens (default: the backend's)", "model server", "URL"),
+    Setting("health_endpoint", "MODEL_HEALTH_ENDPOINT", "--health-endpoint", _path, None,
+            "health path on the model server (default: the backend's)", "model server", "PATH"),
+    Setting("load_patterns", "MODEL_LOAD_LOG_MSG", "--load-log-msg", _patterns, None,
+            "log line(s) that mean 'loaded', newline-separated; substring, or regex with re: "
+            "(default: the backend's)", "model server", "TEXT"),
+    Setting("error_patterns", "MODEL_ERROR_LOG_MSGS", "--error-log-msgs", _patterns, None,
+            "log lines that mean 'broken, restart', newline-separated (default: the backend's)", "model server", "TEXT"),
+    Setting("fatal_patterns", "MODEL_FATAL_LOG_MSGS", "--fatal-log-msgs", _patterns, None,
+            "log lines that mean 'broken for good, give up', newline-separated (default: the backend's)",
+            "model server", "TEXT"),
+    Setting("info_patterns", "MODEL_INFO_LOG_MSGS", "--info-log-msgs", _patterns, None,
+            "log lines worth an info event (downloads...), newline-separated (default: the backend's)",
+            "model server", "TEXT"),
+    # -- lifecycle
+    Setting("stop_timeout", "STOP_TIMEOUT", "--stop-timeout", _seconds, 30.0,
+            "seconds between SIGTERM and SIGKILL when stopping the model server", "lifecycle", "S"),
+    Setting("drain_timeout", "DRAIN_TIMEOUT", "--drain-timeout", _seconds, 30.0,
+            "seconds in-flight requests may take to finish on shutdown", "lifecycle", "S"),
+    Setting("load_timeout", "LOAD_TIMEOUT", "--load-timeout", _seconds, 0.0,
+            "restart a server not ready after this many seconds; 0 = wait forever (loads can take long)",
+            "lifecycle", "S"),
+    Setting("health_interval", "HEALTH_INTERVAL", "--health-interval", _positive, 5.0,
+            "seconds between health checks once ready", "lifecycle", "S"),
+    Setting("health_timeout", "HEALTH_TIMEOUT", "--health-timeout", _positive, 5.0,
+            "timeout of one health check", "lifecycle", "S"),
+    Setting("unhealthy_timeout", "UNHEALTHY_TIMEOUT", "--unhealthy-timeout", _seconds, 60.0,
+            "restart a server unhealthy for this long (supervised); 0 = never", "lifecycle", "S"),
+    Setting("restart_delay", "RESTART_DELAY", "--restart-delay", _seconds, 1.0,
+            "first restart delay; doubles per failure", "lifecycle", "S"),
+    Setting("restart_max_delay", "RESTART_MAX_DELAY", "--restart-max-delay", _seconds, 60.0,
+            "longest restart delay", "lifecycle", "S"),
+    Setting("restart_reset_after", "RESTART_RESET_AFTER", "--restart-reset-after", _seconds, 600.0,
+            "seconds of `ready` after which the backoff starts over", "lifecycle", "S"),
+    Setting("max_failures", "MAX_FAILURES", "--max-failures", _int(0), 5,
+            "consecutive failures without reaching ready before giving up (exit 1); 0 = never", "lifecycle", "N"),
+    # -- HTTP
+    Setting("host", "WORKER_HOST", "--host", _text, "0.0.0.0", "address to listen on", "http", "ADDR"),
+    Setting("worker_port", "WORKER_PORT", "--port", _int(1, 65535), 3000, "port to listen on", "http", "PORT"),
+    Setting("use_ssl", "USE_SSL", "--ssl", _bool, False, "serve HTTPS", "http", is_switch=True),
+    Setting("ssl_cert", "SSL_CERT", "--ssl-cert", _text, "/etc/instance.crt", "TLS certificate (PEM)", "http", "PATH"),
+    Setting("ssl_key", "SSL_KEY", "--ssl-key", _text, "/etc/instance.key", "TLS private key (PEM)", "http", "PATH"),
+    Setting("unsecured", "UNSECURED", "--unsecured", _bool, False,
+            "accept requests without a Vast signature (local, Kubernetes)", "http", is_switch=True),
+    # -- the autoscaler
+    Setting("report_addr", "REPORT_ADDR", "--report-addr", _url_list, (),
+            "autoscaler address(es), comma-separated, tried in order "
+            f"(default {VAST_REPORT_ADDR} when CONTAINER_ID is set)", "autoscaler", "URLS"),
+    Setting("container_id", "CONTAINER_ID", "--container-id", _text, None, "Vast worker id", "autoscaler", "ID"),
+    Setting("master_token", "MASTER_TOKEN", "--master-token", _text, None,
+            "Vast master token sent with reports", "autoscaler", "TOKEN"),
+    Setting("public_ipaddr", "PUBLIC_IPADDR", "--public-ip", _text, None,
+            "public address of this machine (for the reported url)", "autoscaler", "ADDR"),
+    Setting("public_port", None, "--public-port", _int(1, 65535), None,
+            "public port mapped to WORKER_PORT (env: VAST_TCP_PORT_<WORKER_PORT>)", "autoscaler", "PORT"),
+    # -- logging
+    Setting("log_format", "LOG_FORMAT", "--log-format", _choice("auto", "json", "console"), "auto",
+            "json, console, or auto (console on a terminal)", "logging"),
+    Setting("log_level", "LOG_LEVEL", "--log-level", _choice("debug", "info", "warning", "error"), "info",
+            "lowest level logged", "logging"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    backend: str
+    spec: BackendSpec
+    command: tuple[str, ...]  # empty in attach mode
+    model_log: str | None
+    model_server_url: str
+    health_endpoint: str
+    load_patterns: tuple[str, ...]
+    error_patterns: tuple[str, ...]
+    fatal_patterns: tuple[str, ...]
+    info_patterns: tuple[str, ...]
+    stop_timeout: float
+    drain_timeout: float
+    load_timeout: float
+    health_interval: float
+    health_timeout: float
+    unhealthy_timeout: float
+    restart_delay: float
+    restart_max_delay: float
+    restart_reset_after: float
+    max_failures: int
+    host: str
+    worker_port: int
+    use_ssl: bool
+    ssl_cert: str
+    ssl_key: str
+    unsecured: bool
+    report_addr: tuple[str, ...]
+    container_id: str | None
+    master_token: str | None
+    public_ipaddr: str | None
+    public_port: int | None
+    log_format: str
+    log_level: str
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def attach(self) -> bool:
+        return not self.command
+
+    @property
+    def reporting(self) -> bool:
+        return bool(self.report_addr)
+
+    @property
+    def public_url(self) -> str | None:
+        """This worker's url as the autoscaler knows it (Vast: PUBLIC_IPADDR + VAST_TCP_PORT_<port>)."""
+        if not self.public_ipaddr or not self.public_port:
+            return None
+        return f"{'https' if self.use_ssl else 'http'}://{self.public_ipaddr}:{self.public_port}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shepherd",
+        description="Supervise a model server, proxy and queue its requests, report its load. "
+        "Every option can also be set by the environment variable shown; a flag wins over its variable.",
+        usage="python entrypoint.py [--backend NAME] [options] [-- MODEL_SERVER_COMMAND ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Without a command (after --, MODEL_CMD, or the backend's default), shepherd attaches: "
+        "it follows MODEL_LOG and proxies to a server started by someone else.\n"
+        "Exit codes: 0 shut down on request, 1 gave up (crash loop, fatal model error), 2 configuration error.",
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for s in SETTINGS:
+        group = groups.setdefault(s.group, parser.add_argument_group(s.group))
+        env = f"env {s.env}" if s.env else ""
+        default = "" if s.default in (None, ()) else f"default {_show(s.default)}"
+        extra = "; ".join(x for x in (env, default) if x)
+        text = f"{s.help} [{extra}]" if extra else s.help
+        if s.is_switch:
+            group.add_argument(s.flag, dest=s.name, nargs="?", const="true", default=None, metavar="BOOL", help=text)
+        else:
+            group.add_argument(s.flag, dest=s.name, default=None, metavar=s.metavar, help=text)
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="model server command, after --")
+    return parser
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    """Build the Config from flags and environment. Raises ConfigError (exit 2) on any bad value."""
+    parser = build_parser()
+    parser.exit_on_error = False
+    try:
+        ns, unknown = parser.parse_known_args(list(argv))
+    except argparse.ArgumentError as exc:
+        raise ConfigError(f"{exc}") from None
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]!r}: expected one of the options in --help")
+
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        raw, source = getattr(ns, s.name), s.flag
+        if raw is None and s.env is not None and s.env in environ:
+            raw, source = environ[s.env], s.env
+        if raw is None:
+            values[s.name] = s.default
+            continue
+        try:
+            values[s.name] = s.parse(str(raw))
+        except ValueError as exc:
+            raise ConfigError(f"{s.label}: {exc}, got {str(raw)!r}") from None
+
+    port = values["worker_port"]
+    if values["public_port"] is None and f"VAST_TCP_PORT_{port}" in environ:
+        env_name = f"VAST_TCP_PORT_{port}"
+        try:
+            values["public_port"] = _int(1, 65535)(environ[env_name])
+        except ValueError as exc:
+            raise ConfigError(f"{env_name}: {exc}, got {environ[env_name]!r}") from None
+
+    spec = get_backend(values["backend"])
+    if ns.command and ns.command[0] != "--":
+        raise ConfigError(f"unexpected argument {ns.command[0]!r}: put the model server command after --")
+    command = tuple(ns.command[1:])
+    url = values["model_server_url"] or spec.default_url
+    if not command:
+        command = values["model_cmd"]
+    if not command and not values["model_log"] and spec.default_command:
+        host, port_ = _host_port(url)
+        command = tuple(arg.format(host=host, port=port_) for arg in spec.default_command)
+    if not command and not values["model_log"]:
+        raise ConfigError(
+            f"BACKEND ({values['backend']}) has no default command: expected a model server command "
+            "after --, MODEL_CMD, or MODEL_LOG to attach to a running server"
+        )
+
+    report_addr = values["report_addr"]
+    if not report_addr and values["container_id"]:
+        report_addr = (VAST_REPORT_ADDR,)
+
+    def pick(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        return default if values[name] is None else values[name]
+
+    return Config(
+        backend=values["backend"],
+        spec=spec,
+        command=command,
+        model_log=values["model_log"] or None,
+        model_server_url=url,
+        health_endpoint=values["health_endpoint"] or spec.health_path,
+        load_patterns=pick("load_patterns", spec.load_patterns),
+        error_patterns=pick("error_patterns", spec.error_patterns),
+        fatal_patterns=pick("fatal_patterns", spec.fatal_patterns),
+        info_patterns=pick("info_patterns", spec.info_patterns),
+        stop_timeout=values["stop_timeout"],
+        drain_timeout=values["drain_timeout"],
+        load_timeout=values["load_timeout"],
+        health_interval=values["health_interval"],
+        health_timeout=values["health_timeout"],
+        unhealthy_timeout=values["unhealthy_timeout"],
+        restart_delay=values["restart_delay"],
+        restart_max_delay=values["restart_max_delay"],
+        restart_reset_after=values["restart_reset_after"],
+        max_failures=values["max_failures"],
+        host=values["host"],
+        worker_port=port,
+        use_ssl=values["use_ssl"],
+        ssl_cert=values["ssl_cert"],
+        ssl_key=values["ssl_key"],
+        unsecured=values["unsecured"],
+        report_addr=report_addr,
+        container_id=values["container_id"],
+        master_token=values["master_token"],
+        public_ipaddr=values["public_ipaddr"],
+        public_port=values["public_port"],
+        log_format=values["log_format"],
+        log_level=values["log_level"],
+        environ=dict(environ),
+    )
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)

@@ -1,0 +1,181 @@
+"""One run of the model server as a real child process: spawn, pump its output, stop its whole tree.
+
+The child starts in its own session (its own process group), so a signal to the group reaches the
+server and the workers that stayed in it. Model servers also start workers in groups of their own
+(TGI's shards, vLLM's EngineCore) that survive a kill of the group and keep the GPU memory, so the
+tree is tracked with psutil while the server runs and everything still alive from it is killed
+after the grace period, or at once when the main process is already gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import trio
+
+from supervisor.lines import LineSplitter
+from supervisor.logs import get_logger
+
+RunSync = Callable[..., Awaitable[Any]]
+LineSink = Callable[[str, str], None]  # (stream name, line)
+
+READ_CHUNK = 64 * 1024
+TRACK_INTERVAL = 1.0  # seconds between snapshots of the model's process tree
+
+
+@dataclass
+class ModelProcess:
+    """The running server: trio's process plus every descendant seen so far (pid -> psutil.Process)."""
+
+    process: trio.Process
+    tracked: dict[int, psutil.Process] = field(default_factory=dict)
+    lines: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+async def spawn(command: Sequence[str], env: Mapping[str, str] | None = None) -> ModelProcess:
+    """Start the command in a new session with both output pipes; stdin is closed."""
+    process = await trio.lowlevel.open_process(
+        list(command),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env=dict(env) if env is not None else None,
+    )
+    model = ModelProcess(process)
+    try:
+        model.tracked[process.pid] = psutil.Process(process.pid)
+    except psutil.Error:
+        pass  # already gone; the exit code will tell
+    return model
+
+
+async def pump(stream: trio.abc.ReceiveStream, name: str, model: ModelProcess, sink: LineSink) -> None:
+    """Read one pipe to its end, line by line. Reading never waits on the sink's consumers, so a
+    chatty child is never stalled by a full pipe."""
+    splitter = LineSplitter()
+    while True:
+        chunk = await stream.receive_some(READ_CHUNK)
+        if not chunk:
+            break
+        for line in splitter.feed(chunk):
+            model.lines[name] += 1
+            sink(name, line)
+    for line in splitter.flush():
+        model.lines[name] += 1
+        sink(name, line)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _refresh(model: ModelProcess) -> None:
+    for proc in _descendants(model.pid):
+        model.tracked.setdefault(proc.pid, proc)
+
+
+async def track(model: ModelProcess, run_sync: RunSync = trio.to_thread.run_sync) -> None:
+    """Keep the tree snapshot current while the server runs (its workers appear during loading)."""
+    while model.process.returncode is None:
+        await run_sync(_refresh, model)
+        await trio.sleep(TRACK_INTERVAL)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_survivors(procs: list[psutil.Process], pgid: int) -> list[dict[str, Any]]:
+    """SIGKILL the group and every tracked process still alive; wait until they are gone."""
+    _signal_group(pgid, signal.SIGKILL)
+    killed: list[dict[str, Any]] = []
+    for proc in procs:
+        if not _alive(proc):
+            continue
+        try:
+            killed.append({"pid": proc.pid, "name": proc.name()})
+            proc.kill()  # psutil checks the create time first, so a reused pid is never hit
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=5.0)
+    return killed
+
+
+def _name(proc: psutil.Process | None) -> str:
+    try:
+        return proc.name() if proc else "?"
+    except psutil.Error:
+        return "?"
+
+
+def _leftovers(procs: list[psutil.Process]) -> list[int]:
+    return [p.pid for p in procs if _alive(p)]
+
+
+@dataclass(frozen=True)
+class StopResult:
+    exit_code: int | None
+    graceful: bool  # the main process exited within the grace period
+    killed: list[dict[str, Any]]
+    left: list[int]  # pids that survived even SIGKILL (should be empty; logged loudly if not)
+
+
+async def stop_tree(
+    model: ModelProcess,
+    grace: float,
+    run_sync: RunSync = trio.to_thread.run_sync,
+    extra: Callable[[], list[psutil.Process]] = list,
+) -> StopResult:
+    """SIGTERM the process group, wait up to `grace` for the main process, then SIGKILL what is left
+    of the tree (group, tracked descendants in other groups, and `extra()`: orphans adopted by us)."""
+    log = get_logger("supervisor.process")
+    process = model.process
+    await run_sync(_refresh, model)
+    graceful = True
+    if process.returncode is None:
+        _signal_group(process.pid, signal.SIGTERM)
+        with trio.move_on_after(grace):
+            await process.wait()
+        if process.returncode is None:
+            graceful = False
+            log.warning("stop.grace_expired", pid=process.pid, grace_s=grace)
+    await run_sync(_refresh, model)
+    candidates = [p for p in model.tracked.values() if p.pid != process.pid] + list(extra())
+    if process.returncode is None:
+        process.kill()  # through trio: psutil must never wait on (and so reap) trio's own child
+    killed = await run_sync(_kill_survivors, candidates, process.pid)
+    if not graceful:
+        killed.insert(0, {"pid": process.pid, "name": _name(model.tracked.get(process.pid))})
+    if process.returncode is None:
+        with trio.move_on_after(5.0):
+            await process.wait()
+    left = await run_sync(_leftovers, candidates)
+    if killed:
+        log.warning("stop.killed", processes=killed)
+    if left:
+        log.error("stop.left_behind", pids=left)
+    return StopResult(process.returncode, graceful, killed, left)

@@ -1,0 +1,263 @@
+"""The root of the running program: builds the pieces from the Config and runs them in one nursery.
+
+Order of a run: open the signal receiver (kept open to the end), become a subreaper, bind the HTTP
+port (a port in use ends the start with exit 2 before any model is spawned), then run the model
+lifecycle. Shutdown: `draining` (the proxy turns new work away and in-flight work finishes, up to
+DRAIN_TIMEOUT; a second signal skips this), then the model tree is stopped (TERM, grace, KILL; a
+third signal kills it at once), then the HTTP server is stopped through its shutdown trigger.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+import trio
+
+from proxy.app import create_app
+from proxy.server import ServerSettings, ServerStartError, check_tls_files, run_server
+from probes.health import HealthProbe
+from supervisor.config import Config
+from supervisor.lifecycle import Lifecycle, LifecycleSettings
+from supervisor.logs import get_logger
+from supervisor.reaper import Reaper, become_subreaper
+from supervisor.restart import BackoffSettings, RestartPolicy
+from supervisor.rules import LogRules
+from supervisor.states import State, StateMachine, Transition
+from supervisor.tail import set_aside_stale_log
+
+VERSION = "0.1.0"
+EXIT_OK, EXIT_GAVE_UP, EXIT_CONFIG = 0, 1, 2
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HTTP_CLOSE_GRACE = 1.0  # seconds hypercorn gives connections after shepherd's own drain
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Shutdown:
+    """What the signals asked for so far."""
+
+    requested: trio.Event = field(default_factory=trio.Event)
+    skip_drain: trio.Event = field(default_factory=trio.Event)
+    signal_name: str = ""
+    count: int = 0
+
+
+@dataclass
+class Worker:
+    """Everything a run holds, so that the status snapshot has one place to read from."""
+
+    config: Config
+    machine: StateMachine
+    lifecycle: Lifecycle
+    started_wall: float
+    state_since_wall: float
+    in_flight: Callable[[], int] = lambda: 0
+
+    def status(self) -> dict[str, Any]:
+        lc = self.lifecycle
+        model = lc.model
+        return {
+            "state": self.machine.state.value,
+            "since": _iso(self.state_since_wall),
+            "reason": self.machine.reason,
+            "mode": "attach" if self.config.attach else "supervised",
+            "backend": self.config.backend,
+            "model": {
+                "pid": model.pid if model and model.process.returncode is None else None,
+                "restarts": lc.restarts,
+                "last_error": lc.last_error,
+                "log_lines": lc.lines_seen,
+                "url": self.config.model_server_url,
+            },
+            "shepherd": {
+                "version": VERSION,
+                "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started_wall, 3),
+                "python": platform.python_version(),
+                "trio": trio.__version__,
+            },
+        }
+
+
+def model_env(config: Config) -> dict[str, str]:
+    env = dict(config.environ)
+    # Python servers block-buffer a piped stdout: their load line would reach us late.
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+async def run(config: Config) -> int:
+    log = get_logger("supervisor")
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS, signal.SIGHUP) as signals:
+        if config.use_ssl:
+            try:
+                check_tls_files(config.ssl_cert, config.ssl_key)
+            except (OSError, ValueError) as exc:
+                log.error("config.error", setting="SSL_CERT/SSL_KEY",
+                          error=f"cannot load TLS files {config.ssl_cert}, {config.ssl_key}: {exc}")
+                return EXIT_CONFIG
+        if config.attach and config.model_log and set_aside_stale_log(config.model_log):
+            log.info("model_log.set_aside", path=config.model_log, moved_to=config.model_log + ".old")
+        subreaper = become_subreaper()
+        return await _run(config, signals, subreaper)
+
+
+async def _run(config: Config, signals: Any, subreaper: bool) -> int:
+    log = get_logger("supervisor")
+    machine = StateMachine(trio.current_time)
+    limits = httpx.Limits(max_connections=16, max_keepalive_connections=4)
+    async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
+        lifecycle = Lifecycle(
+            LifecycleSettings(
+                command=config.command,
+                model_log=config.model_log,
+                env=model_env(config),
+                stop_timeout=config.stop_timeout,
+                load_timeout=config.load_timeout,
+                health_interval=config.health_interval,
+                unhealthy_timeout=config.unhealthy_timeout,
+            ),
+            machine,
+            RestartPolicy(BackoffSettings(
+                initial=config.restart_delay, maximum=config.restart_max_delay,
+                reset_after=config.restart_reset_after, max_failures=config.max_failures,
+            )),
+            LogRules.build(config.load_patterns, config.error_patterns, config.fatal_patterns, config.info_patterns),
+            HealthProbe(client, config.model_server_url + config.health_endpoint, config.health_timeout),
+        )
+        worker = Worker(config, machine, lifecycle, time.time(), time.time())
+
+        def on_transition(t: Transition) -> None:
+            worker.state_since_wall = time.time()
+            log.info("state", **{"from": t.from_.value, "to": t.to.value, "reason": t.reason})
+
+        machine.subscribe(on_transition)
+        log.info(
+            "shepherd.start", version=VERSION, backend=config.backend,
+            mode="attach" if config.attach else "supervised", port=config.worker_port,
+            model_server_url=config.model_server_url, subreaper=subreaper,
+            reporting="on" if config.reporting else "off (set REPORT_ADDR or CONTAINER_ID to report)",
+        )
+        shutdown = Shutdown()
+        http_stop = trio.Event()
+        exit_code = EXIT_OK
+        app = create_app(worker.status)
+        settings = ServerSettings(
+            # shepherd drains in-flight requests itself (up to DRAIN_TIMEOUT) before it stops
+            # hypercorn; what hypercorn still waits for then is idle keep-alive connections, which
+            # it would otherwise hold open for the whole graceful_timeout.
+            host=config.host, port=config.worker_port, graceful_timeout=HTTP_CLOSE_GRACE,
+            certfile=config.ssl_cert if config.use_ssl else None, keyfile=config.ssl_key if config.use_ssl else None,
+        )
+        server_done = trio.Event()
+
+        async def serve_http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await run_server(app, settings, http_stop.wait, task_status=task_status)
+            finally:
+                server_done.set()
+
+        async with trio.open_nursery() as nursery:
+            try:
+                binds = await nursery.start(serve_http)
+            except ServerStartError as exc:
+                log.error("config.error", setting="WORKER_PORT", error=str(exc))
+                nursery.cancel_scope.cancel()
+                return EXIT_CONFIG
+            log.info("http.listening", binds=binds)
+            nursery.start_soon(_signal_loop, signals, shutdown, lifecycle)
+            if subreaper:
+                nursery.start_soon(Reaper(lambda: set(lifecycle.owned_pids)).run)
+            exit_code = await _main(config, worker, shutdown)
+            http_stop.set()
+            await server_done.wait()  # hypercorn finishes its own graceful close first
+            nursery.cancel_scope.cancel()  # then the signal loop and the reaper
+        log.info("shepherd.exit", exit_code=exit_code, state=machine.state.value)
+        return exit_code
+
+
+async def _main(config: Config, worker: Worker, shutdown: Shutdown) -> int:
+    lifecycle, machine = worker.lifecycle, worker.machine
+    log = get_logger("supervisor")
+    result: list[int] = []
+    model_done = trio.Event()
+
+    async def model_task() -> None:
+        result.append(await (lifecycle.attach() if config.attach else lifecycle.supervise()))
+        model_done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(model_task)
+        async with trio.open_nursery() as first:
+            async def on(event: trio.Event) -> None:
+                await event.wait()
+                first.cancel_scope.cancel()
+
+            first.start_soon(on, model_done)
+            first.start_soon(on, shutdown.requested)
+        if model_done.is_set() and not shutdown.requested.is_set():
+            return result[0]  # gave up: state is `failed`
+        machine.try_to(State.DRAINING, f"{shutdown.signal_name} received")
+        await _drain(worker, shutdown, config.drain_timeout)
+        lifecycle.request_stop()
+        await model_done.wait()
+    machine.try_to(State.STOPPED, "shutdown complete")
+    log.info("shutdown.done")
+    return EXIT_OK
+
+
+async def _drain(worker: Worker, shutdown: Shutdown, timeout: float) -> None:
+    log = get_logger("supervisor")
+    started = trio.current_time()
+    with trio.move_on_after(timeout) as scope:
+        async with trio.open_nursery() as nursery:
+            async def skip() -> None:
+                await shutdown.skip_drain.wait()
+                log.warning("drain.skipped", in_flight=worker.in_flight())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(skip)
+            while worker.in_flight() > 0:
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    if scope.cancelled_caught:
+        log.warning("drain.timeout", timeout_s=timeout, in_flight=worker.in_flight())
+    else:
+        log.info("drain.done", took_s=round(trio.current_time() - started, 3))
+
+
+async def _signal_loop(signals: Any, shutdown: Shutdown, lifecycle: Lifecycle) -> None:
+    log = get_logger("supervisor.signals")
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            log.info("signal", signal=name, action="restart model server")
+            lifecycle.request_restart("SIGHUP received")
+            continue
+        shutdown.count += 1
+        if shutdown.count == 1:
+            shutdown.signal_name = name
+            log.info("signal", signal=name, action="graceful shutdown")
+            shutdown.requested.set()
+        elif shutdown.count == 2:
+            log.warning("signal", signal=name, action="skip drain")
+            shutdown.skip_drain.set()
+        else:
+            log.warning("signal", signal=name, action="kill model server now")
+            model = lifecycle.model
+            if model is not None and model.process.returncode is None:
+                try:
+                    os.killpg(model.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass

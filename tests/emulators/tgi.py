@@ -1,0 +1,714 @@
+"""Emulator of Hugging Face text-generation-inference (TGI) as run by `text-generation-launcher`.
+
+It owns the TGI side of the end-to-end tests: a standard-library-only program (no shepherd import, fast
+start) that prints the launcher's and the router's real log lines, in TGI's tracing JSON format with
+`--json-output` (tracing's plain text format without it), and serves TGI's real routes. Facts follow
+text-generation-inference@db931fc (launcher/src/main.rs, router/src/server.rs); see
+shared/reference/anchors.md §3.1.
+
+Startup, as the real launcher: Args, download (`Starting check and download process for MODEL`,
+`Download file: ...`, `Successfully downloaded weights for MODEL`), shard (`Starting shard`, `Waiting for
+shard to be ready...` (once at once, then every 10 s; real TGI waits 10 s before the first), `Server
+started at unix://...`, `Shard ready in 1.2s`), `Starting Webserver`, then the router's `Warming up
+model`, `Setting max batch total tokens to N` and `Connected`, printed BEFORE the port listens (as real
+TGI does), so a supervisor must still probe /health. The load line shepherd matches is the compact JSON
+substring `"message":"Connected","target":"text_generation_router"`.
+
+Command line (the launcher's shape; other launcher flags are accepted and ignored):
+    --port (3000)  --hostname (0.0.0.0)  --model-id (bigscience/bloom-560m)  --json-output
+
+Test switches (environment):
+    TGI_LOAD_DELAY      0.5 s    whole startup, split 20% download / 60% shard / 20% warm-up
+    TGI_TOKEN_INTERVAL  0.005 s  per generated token
+    TGI_LISTEN_DELAY    0.0 s    gap between `Connected` and the port listening (widen it to test that
+                                 a supervisor waits for /health, not only for the log line)
+    TGI_FAIL            DownloadError | ShardCannotStart | WebserverFailed: print that failure's real
+                                 error lines, then `Error: NAME` on stderr, exit 1
+
+Routes: GET /health (200, empty body), GET /info, GET /metrics (Prometheus text: tgi_queue_size,
+tgi_batch_current_size = generations in flight, tgi_request_count, ...), POST /generate, POST
+/generate_stream (SSE, `data:` without a space, one chunk per token, the last event carrying
+`generated_text` and `details`), POST / (TGI's compat route, `"stream": true` picks streaming). Bad
+input -> 422 `{"error": ..., "error_type": "validation"}`; malformed JSON -> 400 in the same shape.
+`parameters.max_new_tokens` defaults to 20 when absent (real TGI's default is 100 in recent versions,
+20 in older ones; 20 keeps tests fast). Tokens are `tok0`, ` tok1`, ... so the text is "tok0 tok1 ...".
+
+SIGTERM/SIGINT: the launcher's shutdown lines (`Terminating webserver`, `Waiting for webserver to
+gracefully shutdown`, `webserver terminated`, `Shutting down shards`, `Terminating shard`, ...), exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+LAUNCHER = "text_generation_launcher"
+ROUTER = "text_generation_router"
+FAILURES = ("DownloadError", "ShardCannotStart", "WebserverFailed")
+DEFAULT_MAX_NEW_TOKENS = 20
+MAX_TOTAL_TOKENS = 4096
+MAX_BATCH_TOTAL_TOKENS = 16000
+MAX_BODY_BYTES = 16 * 1024 * 1024
+VERSION = "2.0.4"
+DISCONNECT_POLL_S = 0.05
+WAITING_LOG_EVERY_S = 10.0
+SHARD_SPAN: dict[str, Any] = {"rank": 0, "name": "shard-manager"}
+DOWNLOAD_SPAN: dict[str, Any] = {"name": "download"}
+
+
+def _compact(obj: Any) -> str:
+    # TGI (serde_json) writes compact JSON; shepherd's load pattern depends on the exact spacing.
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _timestamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _rust_duration(seconds: float) -> str:
+    """Rust's `{:?}` of a Duration: `1.203456789s`, `503.123456ms`."""
+    if seconds >= 1:
+        return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
+    return f"{seconds * 1000:.6f}".rstrip("0").rstrip(".") + "ms"
+
+
+class Log:
+    """TGI's two log formats: the launcher's (fields nested) and the router's (flattened, with file)."""
+
+    def __init__(self, json_output: bool) -> None:
+        self.json_output = json_output
+        # One write per line under a lock: request threads and the main thread share stdout, and a
+        # supervisor reads it line by line.
+        self.lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        with self.lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    def launcher(self, level: str, message: str, span: dict[str, Any] | None = None) -> None:
+        self.write(self.launcher_line(level, message, span))
+
+    def launcher_line(self, level: str, message: str, span: dict[str, Any] | None = None) -> str:
+        if self.json_output:
+            record: dict[str, Any] = {
+                "timestamp": _timestamp(),
+                "level": level,
+                "fields": {"message": message},
+                "target": LAUNCHER,
+            }
+            if span is not None:
+                record["span"] = span
+                record["spans"] = [span]
+            return _compact(record)
+        prefix = f"{_timestamp()} {level:>5} "
+        if span is not None:
+            fields = " ".join(f"{k}={v}" for k, v in span.items() if k != "name")
+            return f"{prefix}{span['name']}: {LAUNCHER}: {message}" + (f" {fields}" if fields else "")
+        return f"{prefix}{LAUNCHER}: {message}"
+
+    def router(
+        self,
+        level: str,
+        message: str,
+        *,
+        target: str = ROUTER,
+        filename: str = "router/src/server.rs",
+        line_number: int = 1000,
+        span: dict[str, Any] | None = None,
+    ) -> None:
+        self.write(self.router_line(level, message, target, filename, line_number, span))
+
+    def router_line(
+        self,
+        level: str,
+        message: str,
+        target: str = ROUTER,
+        filename: str = "router/src/server.rs",
+        line_number: int = 1000,
+        span: dict[str, Any] | None = None,
+    ) -> str:
+        if self.json_output:
+            # The router's subscriber flattens event fields to the top level (flatten_event(true)).
+            record: dict[str, Any] = {
+                "timestamp": _timestamp(),
+                "level": level,
+                "message": message,
+                "target": target,
+                "filename": filename,
+                "line_number": line_number,
+            }
+            if span is not None:
+                record["span"] = span
+                record["spans"] = [span]
+            return _compact(record)
+        return f"{_timestamp()} {level:>5} {target}: {filename}:{line_number}: {message}"
+
+
+class Metrics:
+    """The router's counters and gauges that shepherd scrapes."""
+
+    BUCKETS = (1, 10, 100, 1000)
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.request_count = 0
+        self.request_success = 0
+        self.failure_validation = 0
+        self.in_flight = 0
+        self.in_flight_max_tokens = 0
+        self.generated: list[int] = []
+
+    def validation_failed(self) -> None:
+        with self.lock:
+            self.request_count += 1
+            self.failure_validation += 1
+
+    def started(self, max_new_tokens: int) -> None:
+        with self.lock:
+            self.request_count += 1
+            self.in_flight += 1
+            self.in_flight_max_tokens += max_new_tokens
+
+    def finished(self, max_new_tokens: int, generated: int, *, ok: bool) -> None:
+        with self.lock:
+            self.in_flight -= 1
+            self.in_flight_max_tokens -= max_new_tokens
+            if ok:
+                self.request_success += 1
+                self.generated.append(generated)
+
+    def render(self) -> str:
+        with self.lock:
+            lines = [
+                "# TYPE tgi_request_count counter",
+                f"tgi_request_count {self.request_count}",
+                "# TYPE tgi_request_success counter",
+                f"tgi_request_success {self.request_success}",
+                "# TYPE tgi_request_failure counter",
+                f'tgi_request_failure{{err="validation"}} {self.failure_validation}',
+                "# TYPE tgi_queue_size gauge",
+                # No batching queue here: every admitted request runs at once (it sits in the batch).
+                "tgi_queue_size 0",
+                "# TYPE tgi_batch_current_size gauge",
+                f"tgi_batch_current_size {self.in_flight}",
+                "# TYPE tgi_batch_current_max_tokens gauge",
+                f"tgi_batch_current_max_tokens {self.in_flight_max_tokens}",
+                "# TYPE tgi_request_generated_tokens histogram",
+            ]
+            for bound in self.BUCKETS:
+                count = sum(1 for g in self.generated if g <= bound)
+                lines.append(f'tgi_request_generated_tokens_bucket{{le="{bound}"}} {count}')
+            lines.append(f'tgi_request_generated_tokens_bucket{{le="+Inf"}} {len(self.generated)}')
+            lines.append(f"tgi_request_generated_tokens_sum {sum(self.generated)}")
+            lines.append(f"tgi_request_generated_tokens_count {len(self.generated)}")
+        return "\n".join(lines) + "\n"
+
+
+class ValidationError(Exception):
+    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.close = close
+
+
+class TgiServer(ThreadingHTTPServer):
+    daemon_threads = True  # request threads never delay exit
+    request_queue_size = 128  # the default 5 drops SYNs under a burst of clients
+
+    def __init__(self, address: tuple[str, int], *, model_id: str, token_interval: float, log: Log) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.model_id = model_id
+        self.token_interval = token_interval
+        self.log = log
+        self.metrics = Metrics()
+        super().__init__(address, TgiHandler)
+
+    def server_bind(self) -> None:
+        # Skip HTTPServer's socket.getfqdn(): a reverse DNS lookup that can stall in a container.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+
+class TgiHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like hyper
+    server_version = "text-generation-router"
+    disable_nagle_algorithm = True  # each SSE chunk leaves at once
+    server: TgiServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+        """TGI has no access log; silence BaseHTTPRequestHandler's stderr lines."""
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/health":
+            self._send(200, b"", "application/json")
+        elif path == "/info":
+            self._send_json(200, self._info())
+        elif path == "/metrics":
+            self._send(200, self.server.metrics.render().encode(), "text/plain; charset=utf-8")
+        else:
+            self._send(404, b"", "text/plain")
+
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            body = self._read_body()
+            if path not in ("/", "/generate", "/generate_stream"):
+                self._send(404, b"", "text/plain")
+                return
+            payload = self._parse(body)
+            stream = path == "/generate_stream" or (path == "/" and payload.get("stream") is True)
+            inputs, n, details, full_text = self._validate(payload)
+        except ValidationError as exc:
+            if exc.close:
+                self.close_connection = True
+            self.server.metrics.validation_failed()
+            self.server.log.router("ERROR", exc.message, target=f"{ROUTER}::server", line_number=1253)
+            self._send_json(exc.status, {"error": exc.message, "error_type": "validation"})
+            return
+        if stream:
+            self._generate_stream(inputs, n)
+        else:
+            self._generate(inputs, n, details, full_text)
+
+    # -- generation --------------------------------------------------------------------------
+
+    def _generate(self, inputs: str, n: int, details: bool, full_text: bool) -> None:
+        metrics = self.server.metrics
+        start = time.monotonic()
+        metrics.started(n)
+        for done in range(n):
+            if self._wait(self.server.token_interval):
+                self.close_connection = True
+                metrics.finished(n, done, ok=False)
+                return
+        metrics.finished(n, n, ok=True)
+        total = time.monotonic() - start
+        text = "".join(_token_text(i) for i in range(n))
+        body: dict[str, Any] = {"generated_text": (inputs + text) if full_text else text}
+        if details:
+            body["details"] = {
+                "finish_reason": "length",
+                "generated_tokens": n,
+                "seed": None,
+                "prefill": [],
+                "tokens": [_token(i) for i in range(n)],
+            }
+        headers = {
+            "x-compute-type": "gpu+optimized",
+            "x-total-time": str(int(total * 1000)),
+            "x-validation-time": "0",
+            "x-queue-time": "0",
+            "x-inference-time": str(int(total * 1000)),
+            "x-time-per-token": str(int(total * 1000 / max(n, 1))),
+            "x-prompt-tokens": str(len(inputs.split())),
+            "x-generated-tokens": str(n),
+        }
+        self._send_json(200, body, headers)
+        self._log_success("generate", total, n)
+
+    def _generate_stream(self, inputs: str, n: int) -> None:
+        metrics = self.server.metrics
+        start = time.monotonic()
+        metrics.started(n)
+        sent = 0
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("x-compute-type", "gpu+optimized")
+            self.end_headers()
+            self.wfile.flush()
+            for i in range(n):
+                if self._wait(self.server.token_interval):
+                    raise ConnectionResetError("client left")
+                last = i == n - 1
+                event = {
+                    "index": i + 1,
+                    "token": _token(i),
+                    "generated_text": "".join(_token_text(j) for j in range(n)) if last else None,
+                    "details": (
+                        {"finish_reason": "length", "generated_tokens": n, "seed": None} if last else None
+                    ),
+                }
+                # TGI's axum SSE writes `data:` with no space before the JSON.
+                self._write_chunk(f"data:{_compact(event)}\n\n".encode())
+                sent += 1
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError):
+            self.close_connection = True
+            metrics.finished(n, sent, ok=False)
+            return
+        metrics.finished(n, n, ok=True)
+        self._log_success("generate_stream", time.monotonic() - start, n)
+
+    def _log_success(self, route: str, total: float, n: int) -> None:
+        span = {
+            "inference_time": _rust_duration(total),
+            "queue_time": _rust_duration(0.00002),
+            "seed": "None",
+            "time_per_token": _rust_duration(total / max(n, 1)),
+            "total_time": _rust_duration(total),
+            "validation_time": _rust_duration(0.00005),
+            "name": route,
+        }
+        self.server.log.router(
+            "INFO", "Success", target=f"{ROUTER}::server", line_number=511 if route.endswith("stream") else 311, span=span
+        )
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep while watching the socket; True once the client has closed it (peek reads b"")."""
+        deadline = time.monotonic() + seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            step = min(remaining, DISCONNECT_POLL_S)
+            try:
+                readable, _, _ = select.select([self.connection], [], [], step)
+                if readable:
+                    if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                        return True
+                    time.sleep(step)  # a pipelined request is waiting: not a disconnect
+            except (OSError, ValueError):
+                return True
+
+    # -- validation --------------------------------------------------------------------------
+
+    def _parse(self, body: bytes) -> dict[str, Any]:
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValidationError(400, f"Failed to parse the request body as JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise ValidationError(422, "Failed to deserialize the JSON body into the target type: expected a map")
+        return payload
+
+    def _validate(self, payload: dict[str, Any]) -> tuple[str, int, bool, bool]:
+        if "inputs" not in payload:
+            raise ValidationError(
+                422, "Failed to deserialize the JSON body into the target type: missing field `inputs`"
+            )
+        inputs = payload["inputs"]
+        if not isinstance(inputs, str):
+            raise ValidationError(
+                422, "Failed to deserialize the JSON body into the target type: inputs: invalid type, expected a string"
+            )
+        if not inputs:
+            raise ValidationError(422, "Input validation error: `inputs` cannot be empty")
+        params = payload.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ValidationError(
+                422, "Failed to deserialize the JSON body into the target type: parameters: expected a map"
+            )
+        n = params.get("max_new_tokens")
+        if n is None:
+            n = DEFAULT_MAX_NEW_TOKENS
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValidationError(
+                422,
+                "Failed to deserialize the JSON body into the target type: "
+                "parameters.max_new_tokens: invalid value, expected u32",
+            )
+        if n == 0:
+            raise ValidationError(422, "Input validation error: `max_new_tokens` must be strictly greater than 0")
+        prompt_tokens = len(inputs.split())
+        if prompt_tokens + n > MAX_TOTAL_TOKENS:
+            raise ValidationError(
+                422,
+                f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {MAX_TOTAL_TOKENS}. "
+                f"Given: {prompt_tokens} `inputs` tokens and {n} `max_new_tokens`",
+            )
+        return inputs, n, bool(params.get("details")), bool(params.get("return_full_text"))
+
+    def _info(self) -> dict[str, Any]:
+        return {
+            "model_id": self.server.model_id,
+            "model_sha": None,
+            "model_dtype": "torch.float16",
+            "model_device_type": "cuda",
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": 128,
+            "max_best_of": 2,
+            "max_stop_sequences": 4,
+            "max_input_tokens": MAX_TOTAL_TOKENS - 1,
+            "max_total_tokens": MAX_TOTAL_TOKENS,
+            "validation_workers": 2,
+            "max_client_batch_size": 4,
+            "router": "text-generation-router",
+            "version": VERSION,
+            "sha": None,
+            "docker_label": None,
+        }
+
+    # -- HTTP plumbing -----------------------------------------------------------------------
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts: list[bytes] = []
+            total = 0
+            while True:
+                line = self.rfile.readline(1024)
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise ValidationError(400, "Failed to buffer the request body", close=True) from None
+                if size == 0:
+                    while self.rfile.readline(65536) not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(parts)
+                total += size
+                if total > MAX_BODY_BYTES:
+                    raise ValidationError(413, "length limit exceeded", close=True)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline(16)
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return b""
+        try:
+            length = int(raw)
+        except ValueError:
+            raise ValidationError(400, f"bad Content-Length {raw!r}", close=True) from None
+        if not 0 <= length <= MAX_BODY_BYTES:
+            raise ValidationError(413, "length limit exceeded", close=True)
+        return self.rfile.read(length)
+
+    def _write_chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self._send(status, _compact(body).encode(), "application/json", headers)
+
+    def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _token_text(i: int) -> str:
+    return f"tok{i}" if i == 0 else f" tok{i}"
+
+
+def _token(i: int) -> dict[str, Any]:
+    return {"id": 1000 + i, "text": _token_text(i), "logprob": -0.1, "special": False}
+
+
+# -- the launcher --------------------------------------------------------------------------------
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        sys.stderr.write(f"{name}={raw!r}: expected a non-negative number of seconds\n")
+        sys.exit(2)
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="text-generation-launcher", description="TGI emulator for tests")
+    parser.add_argument("--model-id", default="bigscience/bloom-560m")
+    parser.add_argument("--hostname", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=3000)
+    parser.add_argument("--json-output", action="store_true")
+    # The real launcher has dozens of flags (--num-shard, --max-input-length, ...); accept them.
+    args, _unknown = parser.parse_known_args(argv)
+    return args
+
+
+def _args_debug(args: argparse.Namespace) -> str:
+    """The launcher's first line: its Args struct in Rust's `{:?}` form (abridged)."""
+    return (
+        f'Args {{ model_id: "{args.model_id}", revision: None, validation_workers: 2, sharded: None, '
+        f"num_shard: None, quantize: None, speculate: None, dtype: None, trust_remote_code: false, "
+        f"max_concurrent_requests: 128, max_best_of: 2, max_stop_sequences: 4, max_top_n_tokens: 5, "
+        f"max_input_tokens: None, max_input_length: None, max_total_tokens: None, "
+        f"waiting_served_ratio: 0.3, max_batch_prefill_tokens: None, max_batch_total_tokens: None, "
+        f'max_waiting_tokens: 20, max_batch_size: None, cuda_graphs: None, hostname: "{args.hostname}", '
+        f'port: {args.port}, shard_uds_path: "/tmp/text-generation-server", master_addr: "localhost", '
+        f'master_port: 29500, huggingface_hub_cache: Some("/data"), weights_cache_override: None, '
+        f"disable_custom_kernels: false, cuda_memory_fraction: 1.0, rope_scaling: None, rope_factor: None, "
+        f"json_output: {str(args.json_output).lower()}, otlp_endpoint: None, cors_allow_origin: [], "
+        f"watermark_gamma: None, watermark_delta: None, ngrok: false, env: false, "
+        f"max_client_batch_size: 4 }}"
+    )
+
+
+# The phase decides which shutdown lines a signal prints (no webserver before it was started).
+_webserver_started = False
+_log: Log | None = None
+
+
+def _shutdown_lines(log: Log) -> list[str]:
+    lines: list[str] = []
+    if _webserver_started:
+        lines += [
+            log.launcher_line("INFO", "Terminating webserver"),
+            log.launcher_line("INFO", "Waiting for webserver to gracefully shutdown"),
+            log.router_line("INFO", "signal received, starting graceful shutdown", f"{ROUTER}::server", line_number=1900),
+            log.launcher_line("INFO", "webserver terminated"),
+        ]
+    lines += [
+        log.launcher_line("INFO", "Shutting down shards"),
+        log.launcher_line("INFO", "Terminating shard", SHARD_SPAN),
+        log.launcher_line("INFO", "Waiting for shard to gracefully shutdown", SHARD_SPAN),
+        log.launcher_line("INFO", "shard terminated", SHARD_SPAN),
+    ]
+    return lines
+
+
+def _on_stop_signal(_signum: int, _frame: object) -> None:
+    # os.write, not the buffered stdout (a request thread may hold it); os._exit, not sys.exit
+    # (joining request threads or closing keep-alive sockets could hang).
+    assert _log is not None
+    try:
+        os.write(1, ("\n".join(_shutdown_lines(_log)) + "\n").encode())
+    except OSError:
+        pass
+    os._exit(0)
+
+
+def _fail(log: Log, name: str, lines: list[str]) -> None:
+    for line in lines:
+        log.write(line)
+    sys.stderr.write(f"Error: {name}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    global _log, _webserver_started
+    args = parse_args(argv)
+    load_delay = _env_float("TGI_LOAD_DELAY", 0.5)
+    token_interval = _env_float("TGI_TOKEN_INTERVAL", 0.005)
+    listen_delay = _env_float("TGI_LISTEN_DELAY", 0.0)
+    fail = os.environ.get("TGI_FAIL", "").strip()
+    if fail and fail not in FAILURES:
+        sys.stderr.write(f"TGI_FAIL={fail!r}: expected one of {', '.join(FAILURES)}\n")
+        sys.exit(2)
+
+    log = Log(args.json_output)
+    _log = log
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+    signal.signal(signal.SIGINT, _on_stop_signal)
+    model = args.model_id
+
+    log.launcher("INFO", _args_debug(args))
+    log.launcher("INFO", "Using default cuda graphs [1, 2, 4, 8, 16, 32]")
+    log.launcher("INFO", f"Starting check and download process for {model}", DOWNLOAD_SPAN)
+    log.launcher("INFO", "Download file: model.safetensors", DOWNLOAD_SPAN)
+    time.sleep(load_delay * 0.2)
+    if fail == "DownloadError":
+        _fail(log, fail, [
+            log.launcher_line(
+                "ERROR",
+                "Download encountered an error: \nTraceback (most recent call last):\n"
+                '  File "/opt/conda/bin/text-generation-server", line 8, in <module>\n'
+                "    sys.exit(app())\n"
+                "huggingface_hub.utils._errors.RepositoryNotFoundError: 401 Client Error. "
+                f"Repository Not Found for url: https://huggingface.co/api/models/{model}.\n",
+                DOWNLOAD_SPAN,
+            ),
+        ])
+    log.launcher("INFO", f"Downloaded /data/models--{model.replace('/', '--')}/model.safetensors in 0:00:01.", DOWNLOAD_SPAN)
+    log.launcher("INFO", f"Successfully downloaded weights for {model}", DOWNLOAD_SPAN)
+
+    shard_start = time.monotonic()
+    log.launcher("INFO", "Starting shard", SHARD_SPAN)
+    log.launcher("INFO", "Waiting for shard to be ready...", SHARD_SPAN)
+    if fail == "ShardCannotStart":
+        time.sleep(load_delay * 0.2)
+        _fail(log, fail, [
+            log.launcher_line(
+                "ERROR",
+                "Shard complete standard error output:\n\nTraceback (most recent call last):\n"
+                '  File "/opt/conda/lib/python3.10/site-packages/text_generation_server/server.py", '
+                "line 201, in serve_inner\n    model = get_model(\n"
+                "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 1024.00 MiB. "
+                "GPU 0 has a total capacity of 23.68 GiB of which 312.00 MiB is free.",
+                SHARD_SPAN,
+            ),
+            log.launcher_line("ERROR", "Shard 0 failed to start"),
+            log.launcher_line("INFO", "Shutting down shards"),
+        ])
+    # Real TGI repeats this line every 10 s while a shard loads, with no timeout of its own.
+    shard_ready_at = shard_start + load_delay * 0.6
+    next_waiting_log = shard_start + WAITING_LOG_EVERY_S
+    while (now := time.monotonic()) < shard_ready_at:
+        if now >= next_waiting_log:
+            log.launcher("INFO", "Waiting for shard to be ready...", SHARD_SPAN)
+            next_waiting_log += WAITING_LOG_EVERY_S
+        time.sleep(min(shard_ready_at, next_waiting_log) - now)
+    log.launcher("INFO", "Server started at unix:///tmp/text-generation-server-0", SHARD_SPAN)
+    log.launcher("INFO", f"Shard ready in {_rust_duration(time.monotonic() - shard_start)}", SHARD_SPAN)
+
+    log.launcher("INFO", "Starting Webserver")
+    _webserver_started = True
+    if fail == "WebserverFailed":
+        _fail(log, fail, [
+            log.router_line(
+                "ERROR",
+                "Server error: error creating server listener: Address already in use (os error 98)",
+                ROUTER,
+                line_number=1770,
+            ),
+            log.launcher_line("ERROR", "Webserver Crashed"),
+            log.launcher_line("INFO", "Shutting down shards"),
+            log.launcher_line("INFO", "Terminating shard", SHARD_SPAN),
+            log.launcher_line("INFO", "Waiting for shard to gracefully shutdown", SHARD_SPAN),
+            log.launcher_line("INFO", "shard terminated", SHARD_SPAN),
+        ])
+    log.router("INFO", "Warming up model", filename="router/src/main.rs", line_number=420)
+    time.sleep(load_delay * 0.2)
+    log.router("INFO", f"Setting max batch total tokens to {MAX_BATCH_TOTAL_TOKENS}", filename="router/src/main.rs", line_number=456)
+    # Real TGI logs Connected after building its routes and BEFORE the listener serves.
+    log.router("INFO", "Connected", line_number=1770)
+    time.sleep(listen_delay)
+    server = TgiServer((args.hostname, args.port), model_id=model, token_interval=token_interval, log=log)
+    serve = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="serve", daemon=True)
+    # Block the stop signals while starting it: the serve thread and the request threads it spawns
+    # inherit the mask, so SIGTERM always lands on the main thread. Otherwise a worker thread could
+    # take it, and Python, which runs handlers only in the main thread, would leave it asleep.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        serve.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    # The main thread only waits: the signal handlers run here and exit the process.
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

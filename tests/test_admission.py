@@ -1,0 +1,267 @@
+"""Admission control on a mock clock: FIFO order and cancellation, 429 on estimates and queue timeouts,
+waiting for readiness, 503 when not ready or draining."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from backends.spec import Route
+from proxy.admission import Admission, Rejected
+from proxy.ledger import Ledger, RequestRecord, RequestStatus
+
+SERIAL = Route("/serial", parallel=False, max_queue_time=1000.0)
+PARALLEL = Route("/parallel", parallel=True, max_queue_time=30.0)
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+class Readiness:
+    """The lifecycle as admission sees it: a flag and a change notification."""
+
+    def __init__(self, ready: bool) -> None:
+        self.ready = ready
+        self._changed = trio.Event()
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    def set(self, ready: bool) -> None:
+        self.ready = ready
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+class World:
+    def __init__(self, *, ready: bool = True, capacity: float = 0.0) -> None:
+        self.ledger = Ledger()
+        self.readiness = Readiness(ready)
+        self.capacity = capacity
+        self.admission = Admission(
+            self.ledger,
+            capacity=lambda: self.capacity,
+            is_ready=self.readiness.is_ready,
+            ready_changed=self.readiness.changed,
+            wall_clock=trio.current_time,
+        )
+
+    def admit(self, route: Route, workload: float = 1.0, idx: int | None = None) -> RequestRecord:
+        return self.ledger.admit(route=route.path, workload=workload, now=trio.current_time(), request_idx=idx)
+
+    async def serve(self, route: Route, record: RequestRecord, order: list[int], hold: float = 1.0) -> None:
+        """What the proxy does: take a slot, work, finish the record (cancelled if the client left)."""
+        try:
+            async with self.admission.slot(route, record):
+                order.append(record.key)
+                await trio.sleep(hold)
+        except trio.Cancelled:
+            self.ledger.finish(record, RequestStatus.CANCELLED, trio.current_time())
+            raise
+        self.ledger.finish(record, RequestStatus.SUCCESS, trio.current_time(), 200)
+
+
+async def test_fifo_order_is_arrival_order(clock: trio.testing.MockClock) -> None:
+    world = World()
+    order: list[int] = []
+    release = trio.Event()
+    async with trio.open_nursery() as nursery:
+        holder = world.admit(SERIAL)
+
+        async def hold() -> None:
+            async with world.admission.slot(SERIAL, holder):
+                await release.wait()
+
+        nursery.start_soon(hold)
+        await trio.testing.wait_all_tasks_blocked()
+        waiters = [world.admit(SERIAL) for _ in range(10)]
+        for position, record in enumerate(waiters, start=1):
+            nursery.start_soon(world.serve, SERIAL, record, order)
+            await trio.testing.wait_all_tasks_blocked()  # queued before the next one arrives
+            assert world.admission.queued(SERIAL.path) == position
+        assert all(r.status is RequestStatus.CREATED for r in waiters)
+        release.set()
+    assert order == [r.key for r in waiters]
+    starts = [r.work_started_at for r in waiters]
+    assert starts == sorted(starts) and len(set(starts)) == 10  # one at a time, 1 s each
+    assert world.ledger.in_flight == 1  # only the holder, which this test never finished
+
+
+async def test_cancelled_waiter_does_not_block_the_next(clock: trio.testing.MockClock) -> None:
+    world = World()
+    order: list[int] = []
+    release = trio.Event()
+    scopes: list[trio.CancelScope] = []
+
+    async def client(record: RequestRecord) -> None:
+        with trio.CancelScope() as scope:
+            scopes.append(scope)
+            await world.serve(SERIAL, record, order)
+
+    async with trio.open_nursery() as nursery:
+        holder = world.admit(SERIAL)
+
+        async def hold() -> None:
+            async with world.admission.slot(SERIAL, holder):
+                await release.wait()
+
+        nursery.start_soon(hold)
+        await trio.testing.wait_all_tasks_blocked()
+        records = [world.admit(SERIAL) for _ in range(3)]
+        for record in records:
+            nursery.start_soon(client, record)
+            await trio.testing.wait_all_tasks_blocked()
+        scopes[1].cancel()  # the middle client leaves
+        await trio.testing.wait_all_tasks_blocked()
+        assert world.admission.queued(SERIAL.path) == 2
+        release.set()
+    assert order == [records[0].key, records[2].key]
+    assert [r.status for r in records] == [RequestStatus.SUCCESS, RequestStatus.CANCELLED, RequestStatus.SUCCESS]
+    assert records[1].work_started_at is None
+    assert world.admission.queued(SERIAL.path) == 0
+
+
+async def test_parallel_routes_enter_at_once(clock: trio.testing.MockClock) -> None:
+    world = World()
+    inside = 0
+    peak = 0
+
+    async def one() -> None:
+        nonlocal inside, peak
+        async with world.admission.slot(PARALLEL, world.admit(PARALLEL)):
+            inside += 1
+            peak = max(peak, inside)
+            await trio.sleep(1)
+            inside -= 1
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(one)
+    assert peak == 5
+    assert trio.current_time() - start == pytest.approx(1.0)
+
+
+async def test_429_when_the_estimate_exceeds_max_queue_time(clock: trio.testing.MockClock) -> None:
+    world = World(capacity=10.0)
+    busy = world.admit(PARALLEL, workload=500.0)
+    world.ledger.start(busy, 0.0)
+    record = world.admit(PARALLEL, workload=10.0, idx=7)
+    with pytest.raises(Rejected) as info:
+        async with world.admission.slot(PARALLEL, record):
+            pytest.fail("must not enter")
+    # 500 units ahead at 10 units/s is 50 s against 30 s allowed: retry in 20 s.
+    assert (info.value.status, info.value.retry_after) == (429, 20)
+    assert (record.status, record.http_status) == (RequestStatus.REJECTED, 429)
+    assert world.ledger.peek_counters().rejected_work == 10.0
+    assert world.ledger.waiting_work == 0.0
+
+
+async def test_estimate_within_max_queue_time_is_admitted(clock: trio.testing.MockClock) -> None:
+    world = World(capacity=10.0)
+    world.ledger.start(world.admit(PARALLEL, workload=300.0), 0.0)  # exactly 30 s ahead
+    record = world.admit(PARALLEL, workload=1000.0)  # its own size does not count
+    async with world.admission.slot(PARALLEL, record):
+        assert record.status is RequestStatus.STARTED
+    assert world.admission.estimated_wait() == pytest.approx(130.0)
+
+
+async def test_unknown_capacity_never_rejects_on_estimates(clock: trio.testing.MockClock) -> None:
+    world = World(capacity=0.0)
+    world.ledger.start(world.admit(PARALLEL, workload=1e9), 0.0)
+    record = world.admit(PARALLEL)
+    async with world.admission.slot(PARALLEL, record):
+        assert record.status is RequestStatus.STARTED
+    assert world.admission.estimated_wait() is None
+
+
+async def test_fifo_wait_past_max_queue_time_is_429(clock: trio.testing.MockClock) -> None:
+    world = World()
+    route = Route("/serial", parallel=False, max_queue_time=30.0)
+    order: list[int] = []
+    async with trio.open_nursery() as nursery:
+        first, second, third = (world.admit(route) for _ in range(3))
+        nursery.start_soon(world.serve, route, first, order, 45.0)
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        with pytest.raises(Rejected) as info:
+            async with world.admission.slot(route, second):
+                pytest.fail("must not enter")
+        assert trio.current_time() - start == pytest.approx(30.0)
+        assert (info.value.status, second.status) == (429, RequestStatus.REJECTED)
+        assert info.value.retry_after >= 1
+        # The lock is intact: the next request gets it once the first is done.
+        await world.serve(route, third, order)
+    assert order == [first.key, third.key]
+
+
+async def test_waits_for_ready_then_proceeds(clock: trio.testing.MockClock) -> None:
+    world = World(ready=False)
+    record = world.admit(PARALLEL)
+    entered_at: list[float] = []
+
+    async def request() -> None:
+        async with world.admission.slot(PARALLEL, record):
+            entered_at.append(trio.current_time())
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request)
+        await trio.sleep(3.0)
+        world.readiness.set(False)  # a change that is not readiness: keep waiting
+        await trio.sleep(2.0)
+        assert entered_at == [] and record.status is RequestStatus.CREATED
+        world.readiness.set(True)
+    assert entered_at == [pytest.approx(start + 5.0)]
+    assert record.status is RequestStatus.STARTED
+
+
+async def test_503_when_not_ready_within_max_queue_time(clock: trio.testing.MockClock) -> None:
+    world = World(ready=False)
+    record = world.admit(PARALLEL)
+    start = trio.current_time()
+    with pytest.raises(Rejected) as info:
+        async with world.admission.slot(PARALLEL, record):
+            pytest.fail("must not enter")
+    assert trio.current_time() - start == pytest.approx(PARALLEL.max_queue_time)
+    assert (info.value.status, info.value.retry_after, info.value.reason) == (503, 5, "not ready")
+    assert (record.status, record.http_status) == (RequestStatus.REJECTED, 503)
+
+
+async def test_503_at_once_when_draining(clock: trio.testing.MockClock) -> None:
+    world = World()
+    world.admission.set_draining()
+    record = world.admit(SERIAL)
+    start = trio.current_time()
+    with pytest.raises(Rejected) as info:
+        async with world.admission.slot(SERIAL, record):
+            pytest.fail("must not enter")
+    assert trio.current_time() == start
+    assert (info.value.status, info.value.reason) == (503, "draining")
+    assert record.status is RequestStatus.REJECTED
+
+
+async def test_draining_wakes_requests_waiting_for_ready(clock: trio.testing.MockClock) -> None:
+    world = World(ready=False)
+    record = world.admit(PARALLEL)
+    outcome: list[Rejected] = []
+
+    async def request() -> None:
+        with pytest.raises(Rejected) as info:
+            async with world.admission.slot(PARALLEL, record):
+                pytest.fail("must not enter")
+        outcome.append(info.value)
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request)
+        await trio.sleep(2.0)
+        world.admission.set_draining()
+    assert [(r.status, r.reason) for r in outcome] == [(503, "draining")]
+    assert trio.current_time() - start == pytest.approx(2.0)
