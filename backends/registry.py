@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from backends import demo, generic
+from backends import demo, generic, tgi
 from backends.spec import BackendSpec
 
-BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (demo.SPEC, generic.SPEC)}
+BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (demo.SPEC, generic.SPEC, tgi.SPEC)}
 
 
 def get_backend(name: str) -> BackendSpec:

@@ -193,7 +193,8 @@ class GpuProbe:
 
     def _init_failure(self, exc: BaseException) -> tuple[str, GpuSnapshot]:
         reasons = (
-            ("NVMLError_LibraryNotFound", "no_library", "no GPU: the NVML library (NVIDIA driver) is not in this container"),
+            ("NVMLError_LibraryNotFound", "no_library",
+             "no GPU: the NVML library (NVIDIA driver) is not in this container"),
             ("NVMLError_DriverNotLoaded", "no_driver", "no GPU: the NVIDIA driver is not loaded"),
             ("NVMLError_NoPermission", "no_permission", "no GPU: no permission to use NVML"),
             ("NVMLError_GpuIsLost", "lost", "GPU lost"),
@@ -212,13 +213,15 @@ class GpuProbe:
             util = self._field(nvml.nvmlDeviceGetUtilizationRates, handle)
             memory = self._field(nvml.nvmlDeviceGetMemoryInfo, handle)
             power_mw = self._field(nvml.nvmlDeviceGetPowerUsage, handle)
-            temperature = self._field(nvml.nvmlDeviceGetTemperature, handle, getattr(nvml, "NVML_TEMPERATURE_GPU", 0))
+            sensor = getattr(nvml, "NVML_TEMPERATURE_GPU", 0)
+            temperature = self._field(nvml.nvmlDeviceGetTemperature, handle, sensor)
             processes = self._field(nvml.nvmlDeviceGetComputeRunningProcesses, handle)
-            readings.append((index, handle, util, memory, power_mw, temperature, processes, self._sm_active(index, handle)))
+            readings.append((index, util, memory, power_mw, temperature, processes, self._sm_active(index, handle)))
 
-        own = self._own() if any(r[6] for r in readings) else set()
+        # The process tree is walked only when some GPU has processes to match.
+        own = self._own() if any(r[5] for r in readings) else set()
         devices = []
-        for index, _handle, util, memory, power_mw, temperature, processes, sm in readings:
+        for index, util, memory, power_mw, temperature, processes, sm in readings:
             name, uuid = self._static[index]
             devices.append(GpuDevice(
                 index=index,

@@ -1,24 +1,31 @@
-"""The Quart (quart-trio) application: shepherd's one HTTP port.
+"""shepherd's one HTTP port: the Quart (quart-trio) app, and the ASGI dispatcher in front of it.
 
-Status routes live here: `/ping`, `/health` (shepherd is up), `/ready` (the model is ready),
-`/status` (JSON snapshot). The app knows nothing of the supervisor: it is handed a `status()`
-callable that returns the current snapshot as a dict with at least `state`.
+Quart serves the status routes: `/ping`, `/health` (shepherd is up), `/ready` (the model is ready),
+`/status` (JSON snapshot), `/metrics`, and JSON 404/405 for anything else. The backend's proxy routes
+are dispatched before Quart to `RequestHandler` (plain ASGI): that path runs for every inference
+request and Quart's per-request machinery (request/response objects, context locals) would cost more
+than the rest of the proxy. The app knows nothing of the supervisor: it is handed callables.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from quart import Response, jsonify
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from backends.spec import Route
+from proxy.handler import Receive, RequestHandler, Scope, Send
 
 StatusFn = Callable[[], dict[str, Any]]
+MetricsFn = Callable[[], tuple[bytes, str]]  # (exposition text, content type)
 
 RETRY_AFTER_S = "5"
 
 
-def create_app(status: StatusFn) -> QuartTrio:
+def create_app(status: StatusFn, metrics: MetricsFn | None = None) -> QuartTrio:
     app = QuartTrio("shepherd")
     app.config["RESPONSE_TIMEOUT"] = None  # long streams must not be cut at Quart's 60 s
     app.config["BODY_TIMEOUT"] = None
@@ -46,4 +53,33 @@ def create_app(status: StatusFn) -> QuartTrio:
     async def status_route() -> Response:
         return jsonify(status())
 
+    if metrics is not None:
+        @app.get("/metrics")
+        async def metrics_route() -> Response:
+            body, content_type = metrics()
+            return Response(body, content_type=content_type)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        response = jsonify({"error": error.name, "status": error.code})
+        response.status_code = error.code or 500
+        return response
+
     return app
+
+
+class Gateway:
+    """The ASGI application hypercorn serves: proxy routes go to the handler, the rest to Quart."""
+
+    def __init__(self, app: QuartTrio, routes: Mapping[str, Route], handler: RequestHandler | None) -> None:
+        self.app = app
+        self.routes = dict(routes)
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.handler is not None:
+            route = self.routes.get(scope["path"])
+            if route is not None:
+                await self.handler.handle(route, scope, receive, send)
+                return
+        await self.app(scope, receive, send)

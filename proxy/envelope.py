@@ -29,6 +29,8 @@ Decisions, all deliberate:
 from __future__ import annotations
 
 import json
+
+import orjson
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -69,12 +71,13 @@ class Envelope:
     auth: AuthData | None  # None only in unsecured mode, when `auth_data` was absent or null
     payload: dict[str, Any]
     session_id: str | None
+    bare: bool = False  # the whole body is the payload (unsecured, no envelope)
 
 
 def parse_envelope(body: bytes, *, unsecured: bool) -> Envelope:
     """Parse and validate a request body; raises `EnvelopeError` (and nothing else) when it is bad."""
     try:
-        doc = json.loads(body)
+        doc = orjson.loads(body)
     except (ValueError, RecursionError):
         # ValueError covers JSONDecodeError, invalid UTF-8 and over-long integers;
         # RecursionError a deeply nested document.
@@ -84,7 +87,7 @@ def parse_envelope(body: bytes, *, unsecured: bool) -> Envelope:
 
     if "auth_data" not in doc:
         if unsecured:
-            return Envelope(auth=None, payload=doc, session_id=None)
+            return Envelope(auth=None, payload=doc, session_id=None, bare=True)
         raise EnvelopeError({"auth_data": MISSING}, status=401)
 
     errors: dict[str, Any] = {}

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from backends.registry import BACKENDS, get_backend
 from backends.spec import BackendSpec
-from supervisor.rules import split_patterns
+from supervisor.rules import LogRules, split_patterns
 
 VAST_REPORT_ADDR = "https://run.vast.ai"
 
@@ -137,7 +137,12 @@ def _command(text: str) -> tuple[str, ...]:
 
 
 def _patterns(text: str) -> tuple[str, ...]:
-    return split_patterns(text)
+    patterns = split_patterns(text)
+    try:
+        LogRules.build(load=patterns)  # compiled here so a bad regex is a config error (exit 2)
+    except ValueError as exc:
+        raise ValueError(f"expected substrings or re:<valid regex> ({exc})") from None
+    return patterns
 
 
 @dataclass(frozen=True)
@@ -210,6 +215,31 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ssl_key", "SSL_KEY", "--ssl-key", _text, "/etc/instance.key", "TLS private key (PEM)", "http", "PATH"),
     Setting("unsecured", "UNSECURED", "--unsecured", _bool, False,
             "accept requests without a Vast signature (local, Kubernetes)", "http", is_switch=True),
+    Setting("public_key_file", "PUBLIC_KEY_FILE", "--public-key", _text, None,
+            "PEM file with the autoscaler's public key (default: fetched from REPORT_ADDR/pubkey/)", "http", "PATH"),
+    Setting("signature_format", "SIGNATURE_FORMAT", "--signature-format",
+            _choice("auto", "url", "sorted", "legacy"), "auto",
+            "signed message: url (Vast 2026), sorted (2025), legacy (2024), or auto (try each)", "http"),
+    Setting("max_body_bytes", "MAX_BODY_BYTES", "--max-body-bytes", _int(1), 64 * 1024 * 1024,
+            "largest request body accepted (413 above)", "http", "N"),
+    Setting("access_log", "ACCESS_LOG", "--access-log", _choice("info", "debug", "off"), "info",
+            "level of the one-event-per-request access log", "http"),
+    # -- warm-up benchmark
+    Setting("skip_benchmark", "SKIP_BENCHMARK", "--skip-benchmark", _bool, False,
+            "do not benchmark; report MAX_PERF as the capacity", "benchmark", is_switch=True),
+    Setting("max_perf", "MAX_PERF", "--max-perf", _seconds, None,
+            "known capacity in workload units per second (with --skip-benchmark)", "benchmark", "N"),
+    Setting("benchmark_runs", "BENCHMARK_RUNS", "--benchmark-runs", _int(1, 100), 3,
+            "benchmark rounds", "benchmark", "N"),
+    Setting("benchmark_concurrency", "BENCHMARK_CONCURRENCY", "--benchmark-concurrency", _int(1, 1000), 8,
+            "requests per benchmark round (1 for non-parallel routes)", "benchmark", "N"),
+    Setting("benchmark_cache", "BENCHMARK_CACHE", "--benchmark-cache", _text, ".shepherd-benchmark.json",
+            "JSON cache of benchmark results (keyed by backend, model, GPUs, settings)", "benchmark", "PATH"),
+    # -- probes
+    Setting("workspace", "WORKSPACE_DIR", "--workspace", _text, "/workspace",
+            "volume whose disk usage is reported (/ when it does not exist)", "probes", "PATH"),
+    Setting("probe_interval", "PROBE_INTERVAL", "--probe-interval", _positive, 2.0,
+            "seconds between GPU, host and model-metrics samples", "probes", "S"),
     # -- the autoscaler
     Setting("report_addr", "REPORT_ADDR", "--report-addr", _url_list, (),
             "autoscaler address(es), comma-separated, tried in order "
@@ -262,6 +292,17 @@ class Config:
     master_token: str | None
     public_ipaddr: str | None
     public_port: int | None
+    public_key_file: str | None
+    signature_format: str
+    max_body_bytes: int
+    access_log: str
+    skip_benchmark: bool
+    max_perf: float | None
+    benchmark_runs: int
+    benchmark_concurrency: int
+    benchmark_cache: str
+    workspace: str
+    probe_interval: float
     log_format: str
     log_level: str
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -366,6 +407,14 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     if not report_addr and values["container_id"]:
         report_addr = (VAST_REPORT_ADDR,)
 
+    if not values["unsecured"] and not values["public_key_file"] and not report_addr:
+        raise ConfigError(
+            "UNSECURED (--unsecured): requests must be signed but there is no key source: expected "
+            "REPORT_ADDR or CONTAINER_ID (key from the autoscaler), PUBLIC_KEY_FILE, or UNSECURED=true"
+        )
+    if values["skip_benchmark"] and not values["max_perf"]:
+        raise ConfigError("MAX_PERF (--max-perf): expected a capacity > 0 when SKIP_BENCHMARK is set")
+
     def pick(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         return default if values[name] is None else values[name]
 
@@ -401,6 +450,17 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         master_token=values["master_token"],
         public_ipaddr=values["public_ipaddr"],
         public_port=values["public_port"],
+        public_key_file=values["public_key_file"] or None,
+        signature_format=values["signature_format"],
+        max_body_bytes=values["max_body_bytes"],
+        access_log=values["access_log"],
+        skip_benchmark=values["skip_benchmark"],
+        max_perf=values["max_perf"],
+        benchmark_runs=values["benchmark_runs"],
+        benchmark_concurrency=values["benchmark_concurrency"],
+        benchmark_cache=values["benchmark_cache"],
+        workspace=values["workspace"],
+        probe_interval=values["probe_interval"],
         log_format=values["log_format"],
         log_level=values["log_level"],
         environ=dict(environ),

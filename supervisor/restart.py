@@ -62,5 +62,9 @@ class RestartPolicy:
 
     def delay(self, failures: int) -> float:
         s = self.settings
-        base = min(s.maximum, s.initial * s.factor ** max(failures - 1, 0))
+        try:
+            grown = s.initial * s.factor ** max(failures - 1, 0)
+        except OverflowError:  # float pow past ~1e308 (a crash loop of 1000+ failures): capped anyway
+            grown = s.maximum if s.initial > 0 else 0.0
+        base = min(s.maximum, grown)
         return max(0.0, min(s.maximum, base * (1.0 + self._rng.uniform(-s.jitter, s.jitter))))

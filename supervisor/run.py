@@ -21,8 +21,13 @@ from typing import Any
 import httpx
 import trio
 
-from proxy.app import create_app
+from proxy.admission import Admission
+from proxy.app import Gateway, create_app
+from proxy.forward import Forwarder
+from proxy.handler import ProxySettings, RequestHandler
+from proxy.ledger import Ledger
 from proxy.server import ServerSettings, ServerStartError, check_tls_files, run_server
+from proxy.signature import KeySource, PemFileKeySource, RemoteKeySource, Verifier
 from probes.health import HealthProbe
 from supervisor.config import Config
 from supervisor.lifecycle import Lifecycle, LifecycleSettings
@@ -60,9 +65,20 @@ class Worker:
     config: Config
     machine: StateMachine
     lifecycle: Lifecycle
+    ledger: Ledger
     started_wall: float
     state_since_wall: float
-    in_flight: Callable[[], int] = lambda: 0
+    state_changed: trio.Event = field(default_factory=trio.Event)
+    capacity: float = 0.0  # workload units per second (benchmark, or MAX_PERF)
+
+    def in_flight(self) -> int:
+        return self.ledger.in_flight
+
+    def is_ready(self) -> bool:
+        return self.machine.state is State.READY
+
+    async def wait_state_change(self) -> None:
+        await self.state_changed.wait()
 
     def status(self) -> dict[str, Any]:
         lc = self.lifecycle
@@ -80,6 +96,14 @@ class Worker:
                 "log_lines": lc.lines_seen,
                 "url": self.config.model_server_url,
             },
+            "requests": {
+                "running": self.ledger.running,
+                "waiting": self.ledger.waiting,
+                "running_work": self.ledger.running_work,
+                "waiting_work": self.ledger.waiting_work,
+                "received": self.ledger.num_received,
+            },
+            "capacity": self.capacity,
             "shepherd": {
                 "version": VERSION,
                 "pid": os.getpid(),
@@ -113,11 +137,25 @@ async def run(config: Config) -> int:
         return await _run(config, signals, subreaper)
 
 
+def key_source(config: Config, client: httpx.AsyncClient) -> KeySource | None:
+    """None when unsecured; raises ValueError (a configuration error) for an unusable key file."""
+    if config.unsecured:
+        return None
+    if config.public_key_file:
+        return PemFileKeySource(config.public_key_file)
+    return RemoteKeySource(config.report_addr, client)
+
+
 async def _run(config: Config, signals: Any, subreaper: bool) -> int:
     log = get_logger("supervisor")
     machine = StateMachine(trio.current_time)
     limits = httpx.Limits(max_connections=16, max_keepalive_connections=4)
     async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
+        try:
+            keys = key_source(config, client)
+        except ValueError as exc:
+            log.error("config.error", setting="PUBLIC_KEY_FILE", error=str(exc))
+            return EXIT_CONFIG
         lifecycle = Lifecycle(
             LifecycleSettings(
                 command=config.command,
@@ -136,13 +174,30 @@ async def _run(config: Config, signals: Any, subreaper: bool) -> int:
             LogRules.build(config.load_patterns, config.error_patterns, config.fatal_patterns, config.info_patterns),
             HealthProbe(client, config.model_server_url + config.health_endpoint, config.health_timeout),
         )
-        worker = Worker(config, machine, lifecycle, time.time(), time.time())
+        ledger = Ledger(keep_finished=config.reporting)
+        worker = Worker(config, machine, lifecycle, ledger, time.time(), time.time())
+        worker.capacity = config.max_perf or 0.0
+        admission = Admission(ledger, lambda: worker.capacity, worker.is_ready, worker.wait_state_change)
 
         def on_transition(t: Transition) -> None:
             worker.state_since_wall = time.time()
             log.info("state", **{"from": t.from_.value, "to": t.to.value, "reason": t.reason})
+            if t.to is State.DRAINING:
+                admission.set_draining()
+            worker.state_changed.set()
+            worker.state_changed = trio.Event()
 
         machine.subscribe(on_transition)
+        if keys is not None:
+            lifecycle.warmup = _with_key(keys, lifecycle.warmup)
+        verifier = Verifier(keys, config.signature_format, config.public_url) if keys is not None else None
+        forwarder = Forwarder(config.model_server_url)
+        access = get_logger("proxy.access")
+        handler = RequestHandler(
+            ProxySettings(unsecured=config.unsecured, max_body_bytes=config.max_body_bytes),
+            forwarder, ledger, admission, verifier,
+            access_log=None if config.access_log == "off" else getattr(access, config.access_log),
+        )
         log.info(
             "shepherd.start", version=VERSION, backend=config.backend,
             mode="attach" if config.attach else "supervised", port=config.worker_port,
@@ -152,7 +207,7 @@ async def _run(config: Config, signals: Any, subreaper: bool) -> int:
         shutdown = Shutdown()
         http_stop = trio.Event()
         exit_code = EXIT_OK
-        app = create_app(worker.status)
+        app = Gateway(create_app(worker.status), {r.path: r for r in config.spec.routes}, handler)
         settings = ServerSettings(
             # shepherd drains in-flight requests itself (up to DRAIN_TIMEOUT) before it stops
             # hypercorn; what hypercorn still waits for then is idle keep-alive connections, which
@@ -175,16 +230,32 @@ async def _run(config: Config, signals: Any, subreaper: bool) -> int:
                 log.error("config.error", setting="WORKER_PORT", error=str(exc))
                 nursery.cancel_scope.cancel()
                 return EXIT_CONFIG
-            log.info("http.listening", binds=binds)
+            log.info("http.listening", binds=binds, routes=[r.path for r in config.spec.routes])
+            if isinstance(keys, RemoteKeySource):
+                nursery.start_soon(keys.fetch_until_loaded)
             nursery.start_soon(_signal_loop, signals, shutdown, lifecycle)
             if subreaper:
                 nursery.start_soon(Reaper(lambda: set(lifecycle.owned_pids)).run)
             exit_code = await _main(config, worker, shutdown)
             http_stop.set()
+            await forwarder.aclose()
             await server_done.wait()  # hypercorn finishes its own graceful close first
             nursery.cancel_scope.cancel()  # then the signal loop and the reaper
         log.info("shepherd.exit", exit_code=exit_code, state=machine.state.value)
         return exit_code
+
+
+def _with_key(keys: KeySource, warmup: Callable[[], Any]) -> Callable[[], Any]:
+    """Readiness also needs the autoscaler's public key: a worker that cannot check signatures
+    would answer every request 401."""
+
+    async def warm() -> None:
+        if isinstance(keys, RemoteKeySource) and keys.current() is None:
+            get_logger("supervisor").info("pubkey.waiting")
+            await keys.wait_loaded()
+        await warmup()
+
+    return warm
 
 
 async def _main(config: Config, worker: Worker, shutdown: Shutdown) -> int:

@@ -40,7 +40,7 @@ class FileFollower:
 
     def read(self) -> tuple[bytes, bool]:
         """Returns (data, restarted): `restarted` is True when a new or truncated file began, so a
-        partial line buffered from the old one must be dropped."""
+        partial line buffered from the old one is emitted on its own, never joined to new text."""
         if self._file is None:
             if not self._open():
                 return b"", False

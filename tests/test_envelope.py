@@ -97,9 +97,10 @@ def test_reqnum_rejects_non_integers(value: Any) -> None:
     assert err.fields == {"auth_data": {"reqnum": "must be an integer"}}
 
 
-def test_reqnum_rejects_infinity() -> None:
+def test_non_standard_json_literals_are_invalid_json() -> None:
+    # Infinity / NaN are not JSON (RFC 8259); the strict parser refuses the whole body.
     err = bad(b'{"auth_data": {"cost": 1, "endpoint": "e", "reqnum": Infinity, "signature": "s", "url": "u"}, "payload": {}}')
-    assert err.fields == {"auth_data": {"reqnum": "must be an integer"}}
+    assert err.status == 422 and err.fields == {"error": "invalid JSON"}
 
 
 @pytest.mark.parametrize("cost", ["242", 242, 242.5])
@@ -149,7 +150,7 @@ def test_null_auth_data() -> None:
 
 def test_unsecured_bare_body_is_the_payload() -> None:
     env = parse_envelope(body(prompt="hi", payload="kept"), unsecured=True)
-    assert env == Envelope(auth=None, payload={"prompt": "hi", "payload": "kept"}, session_id=None)
+    assert env == Envelope(auth=None, payload={"prompt": "hi", "payload": "kept"}, session_id=None, bare=True)
 
 
 def test_unsecured_envelope_is_parsed_the_same_way() -> None:

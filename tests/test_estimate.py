@@ -320,3 +320,17 @@ def test_duty_cycle_smoother_stays_within_bounds(samples: list[tuple[float, floa
     for t, v in sorted(samples, key=lambda x: x[0]):
         value = smoother.update(t, v)
         assert value is None or 0.0 <= value <= 1.0
+
+
+def test_closed_loop_simulation_beats_gpu_utilisation_and_sees_a_stall() -> None:
+    # A short run of bench/estimate_sim.py: a regression guard on the formula as a whole.
+    from bench.estimate_sim import WARMUP, Scenario, after, constant, mae, simulate
+
+    steady = simulate(Scenario("50%", constant(0.5)), seed=7)
+    truth = after(steady, steady.truth, WARMUP)
+    assert mae(after(steady, steady.smooth, WARMUP), truth) < mae(after(steady, steady.gpu, WARMUP), truth)
+    assert not any(steady.stalled)
+
+    stall = simulate(Scenario("stall", constant(0.5), stall=(150.0, 210.0)), seed=7)
+    flagged = [t for t, stalled in zip(stall.t, stall.stalled, strict=True) if stalled]
+    assert flagged and 150.0 <= flagged[0] <= 165.0

@@ -86,7 +86,9 @@ async def test_normal_multi_device_sample() -> None:
         (pynvml.NVML_ERROR_NO_PERMISSION, "no permission"),
     ],
 )
-async def test_no_gpu_is_reported_and_logged_once(code: int, words: str, autojump_clock: trio.testing.MockClock) -> None:
+async def test_no_gpu_is_reported_and_logged_once(
+    code: int, words: str, autojump_clock: trio.testing.MockClock
+) -> None:
     nvml = FakeNvml()
     nvml.fail_init = code
     probe, runner, log = _probe(nvml, retry_initial_s=5.0)
