@@ -72,7 +72,8 @@ class BackendSpec:
     fatal_patterns: tuple[str, ...] = ()  # give up at once: retrying cannot help
     info_patterns: tuple[str, ...] = ()
     routes: tuple[Route, ...] = ()
-    metrics_path: str | None = None  # the server's own Prometheus endpoint, if any
+    metrics_path: str | None = None  # the server's own queue metrics endpoint, if any
+    metrics_kind: str = "prometheus"  # or "comfyui" (GET /queue)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def route(self, path: str) -> Route | None:

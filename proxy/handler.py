@@ -85,6 +85,7 @@ class RequestHandler:
         verifier: Verifier | None,
         on_change: Callable[[], None] = lambda: None,
         access_log: Callable[..., None] | None = None,
+        metrics: Any = None,  # proxy.metrics.Metrics: per-request counts and histograms
     ) -> None:
         self.settings = settings
         self.forwarder = forwarder
@@ -93,6 +94,7 @@ class RequestHandler:
         self.verifier = verifier
         self.on_change = on_change  # pokes the reporter: arrivals and completions are news
         self.access_log = access_log
+        self.metrics = metrics
         self.errors = 0  # unexpected exceptions inside shepherd (answered 500)
 
     async def handle(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
@@ -179,6 +181,7 @@ class RequestHandler:
                 finishing = True
             await send(message)
 
+        upstream_error: UpstreamError | None = None
         async with trio.open_nursery() as nursery:
             async def watch() -> None:
                 while (await receive())["type"] != "http.disconnect":
@@ -187,16 +190,26 @@ class RequestHandler:
                     nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
-            result = await self.forwarder.forward(
-                scope["method"], route.target, scope.get("query_string", b""), list(scope["headers"]),
-                payload, route.timeout, relay,
-            )
+            try:
+                result = await self.forwarder.forward(
+                    scope["method"], route.target, scope.get("query_string", b""), list(scope["headers"]),
+                    payload, route.timeout, relay,
+                )
+            except UpstreamError as exc:
+                # Raised out of the nursery it would arrive wrapped in an ExceptionGroup (trio's
+                # strict groups) and miss the caller's `except UpstreamError`: a 502/504 became 500.
+                upstream_error = exc
             nursery.cancel_scope.cancel()
+        if upstream_error is not None:
+            raise upstream_error
         if result is None:
             return 499, 0
         return result.status, result.bytes_sent
 
     def _log(self, route: Route, status: int, arrived: float, **fields: Any) -> None:
+        total = time.perf_counter() - arrived
+        if self.metrics is not None:
+            queue_ms = fields.get("queue_ms")
+            self.metrics.observe(route.path, status, total, queue_ms / 1000 if queue_ms else None)
         if self.access_log is not None:
-            self.access_log("access", route=route.path, status=status,
-                            ms=round((time.perf_counter() - arrived) * 1000, 3), **fields)
+            self.access_log("access", route=route.path, status=status, ms=round(total * 1000, 3), **fields)

@@ -129,6 +129,9 @@ class Ledger:
         self._running_work = 0.0
         self._counters = Counters()
         self._num_received = 0
+        # Cumulative work, never reset: online throughput and mean request size come from their growth.
+        self.served_total = 0.0
+        self.received_total = 0.0
         self._finished: deque[RequestRecord] = deque()
         self._dropped_finished = 0
 
@@ -143,6 +146,7 @@ class Ledger:
         self._waiting_count += 1
         self._waiting_work += record.workload
         self._num_received += 1
+        self.received_total += record.workload
         self._add(received=record.workload)
         return record
 
@@ -182,6 +186,7 @@ class Ledger:
             return False
         if status is RequestStatus.SUCCESS:
             self._add(served=record.workload)
+            self.served_total += record.workload
         elif status is RequestStatus.CANCELLED:
             self._add(withdrawn=record.workload)
         return True

@@ -10,42 +10,27 @@ third signal kills it at once), then the HTTP server is stopped through its shut
 from __future__ import annotations
 
 import os
-import platform
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import httpx
 import trio
 
-from proxy.admission import Admission
-from proxy.app import Gateway, create_app
-from proxy.forward import Forwarder
-from proxy.handler import ProxySettings, RequestHandler
-from proxy.ledger import Ledger
 from proxy.server import ServerSettings, ServerStartError, check_tls_files, run_server
-from proxy.signature import KeySource, PemFileKeySource, RemoteKeySource, Verifier
-from probes.health import HealthProbe
+from proxy.signature import KeySource, RemoteKeySource
 from supervisor.config import Config
-from supervisor.lifecycle import Lifecycle, LifecycleSettings
+from supervisor.lifecycle import Lifecycle
 from supervisor.logs import get_logger
 from supervisor.reaper import Reaper, become_subreaper
-from supervisor.restart import BackoffSettings, RestartPolicy
-from supervisor.rules import LogRules
-from supervisor.states import State, StateMachine, Transition
+from supervisor.states import State
 from supervisor.tail import set_aside_stale_log
+from supervisor.worker import VERSION, Worker, build_worker
 
-VERSION = "0.1.0"
 EXIT_OK, EXIT_GAVE_UP, EXIT_CONFIG = 0, 1, 2
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HTTP_CLOSE_GRACE = 1.0  # seconds hypercorn gives connections after shepherd's own drain
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 @dataclass
@@ -56,69 +41,6 @@ class Shutdown:
     skip_drain: trio.Event = field(default_factory=trio.Event)
     signal_name: str = ""
     count: int = 0
-
-
-@dataclass
-class Worker:
-    """Everything a run holds, so that the status snapshot has one place to read from."""
-
-    config: Config
-    machine: StateMachine
-    lifecycle: Lifecycle
-    ledger: Ledger
-    started_wall: float
-    state_since_wall: float
-    state_changed: trio.Event = field(default_factory=trio.Event)
-    capacity: float = 0.0  # workload units per second (benchmark, or MAX_PERF)
-
-    def in_flight(self) -> int:
-        return self.ledger.in_flight
-
-    def is_ready(self) -> bool:
-        return self.machine.state is State.READY
-
-    async def wait_state_change(self) -> None:
-        await self.state_changed.wait()
-
-    def status(self) -> dict[str, Any]:
-        lc = self.lifecycle
-        model = lc.model
-        return {
-            "state": self.machine.state.value,
-            "since": _iso(self.state_since_wall),
-            "reason": self.machine.reason,
-            "mode": "attach" if self.config.attach else "supervised",
-            "backend": self.config.backend,
-            "model": {
-                "pid": model.pid if model and model.process.returncode is None else None,
-                "restarts": lc.restarts,
-                "last_error": lc.last_error,
-                "log_lines": lc.lines_seen,
-                "url": self.config.model_server_url,
-            },
-            "requests": {
-                "running": self.ledger.running,
-                "waiting": self.ledger.waiting,
-                "running_work": self.ledger.running_work,
-                "waiting_work": self.ledger.waiting_work,
-                "received": self.ledger.num_received,
-            },
-            "capacity": self.capacity,
-            "shepherd": {
-                "version": VERSION,
-                "pid": os.getpid(),
-                "uptime_s": round(time.time() - self.started_wall, 3),
-                "python": platform.python_version(),
-                "trio": trio.__version__,
-            },
-        }
-
-
-def model_env(config: Config) -> dict[str, str]:
-    env = dict(config.environ)
-    # Python servers block-buffer a piped stdout: their load line would reach us late.
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
 
 
 async def run(config: Config) -> int:
@@ -137,67 +59,18 @@ async def run(config: Config) -> int:
         return await _run(config, signals, subreaper)
 
 
-def key_source(config: Config, client: httpx.AsyncClient) -> KeySource | None:
-    """None when unsecured; raises ValueError (a configuration error) for an unusable key file."""
-    if config.unsecured:
-        return None
-    if config.public_key_file:
-        return PemFileKeySource(config.public_key_file)
-    return RemoteKeySource(config.report_addr, client)
-
-
 async def _run(config: Config, signals: Any, subreaper: bool) -> int:
     log = get_logger("supervisor")
-    machine = StateMachine(trio.current_time)
     limits = httpx.Limits(max_connections=16, max_keepalive_connections=4)
     async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
         try:
-            keys = key_source(config, client)
+            worker = build_worker(config, client)
         except ValueError as exc:
             log.error("config.error", setting="PUBLIC_KEY_FILE", error=str(exc))
             return EXIT_CONFIG
-        lifecycle = Lifecycle(
-            LifecycleSettings(
-                command=config.command,
-                model_log=config.model_log,
-                env=model_env(config),
-                stop_timeout=config.stop_timeout,
-                load_timeout=config.load_timeout,
-                health_interval=config.health_interval,
-                unhealthy_timeout=config.unhealthy_timeout,
-            ),
-            machine,
-            RestartPolicy(BackoffSettings(
-                initial=config.restart_delay, maximum=config.restart_max_delay,
-                reset_after=config.restart_reset_after, max_failures=config.max_failures,
-            )),
-            LogRules.build(config.load_patterns, config.error_patterns, config.fatal_patterns, config.info_patterns),
-            HealthProbe(client, config.model_server_url + config.health_endpoint, config.health_timeout),
-        )
-        ledger = Ledger(keep_finished=config.reporting)
-        worker = Worker(config, machine, lifecycle, ledger, time.time(), time.time())
-        worker.capacity = config.max_perf or 0.0
-        admission = Admission(ledger, lambda: worker.capacity, worker.is_ready, worker.wait_state_change)
-
-        def on_transition(t: Transition) -> None:
-            worker.state_since_wall = time.time()
-            log.info("state", **{"from": t.from_.value, "to": t.to.value, "reason": t.reason})
-            if t.to is State.DRAINING:
-                admission.set_draining()
-            worker.state_changed.set()
-            worker.state_changed = trio.Event()
-
-        machine.subscribe(on_transition)
+        lifecycle, keys = worker.lifecycle, worker.keys
         if keys is not None:
             lifecycle.warmup = _with_key(keys, lifecycle.warmup)
-        verifier = Verifier(keys, config.signature_format, config.public_url) if keys is not None else None
-        forwarder = Forwarder(config.model_server_url)
-        access = get_logger("proxy.access")
-        handler = RequestHandler(
-            ProxySettings(unsecured=config.unsecured, max_body_bytes=config.max_body_bytes),
-            forwarder, ledger, admission, verifier,
-            access_log=None if config.access_log == "off" else getattr(access, config.access_log),
-        )
         log.info(
             "shepherd.start", version=VERSION, backend=config.backend,
             mode="attach" if config.attach else "supervised", port=config.worker_port,
@@ -206,8 +79,6 @@ async def _run(config: Config, signals: Any, subreaper: bool) -> int:
         )
         shutdown = Shutdown()
         http_stop = trio.Event()
-        exit_code = EXIT_OK
-        app = Gateway(create_app(worker.status), {r.path: r for r in config.spec.routes}, handler)
         settings = ServerSettings(
             # shepherd drains in-flight requests itself (up to DRAIN_TIMEOUT) before it stops
             # hypercorn; what hypercorn still waits for then is idle keep-alive connections, which
@@ -219,7 +90,7 @@ async def _run(config: Config, signals: Any, subreaper: bool) -> int:
 
         async def serve_http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
             try:
-                await run_server(app, settings, http_stop.wait, task_status=task_status)
+                await run_server(worker.app, settings, http_stop.wait, task_status=task_status)
             finally:
                 server_done.set()
 
@@ -234,14 +105,15 @@ async def _run(config: Config, signals: Any, subreaper: bool) -> int:
             if isinstance(keys, RemoteKeySource):
                 nursery.start_soon(keys.fetch_until_loaded)
             nursery.start_soon(_signal_loop, signals, shutdown, lifecycle)
+            nursery.start_soon(worker.load.run)
             if subreaper:
                 nursery.start_soon(Reaper(lambda: set(lifecycle.owned_pids)).run)
             exit_code = await _main(config, worker, shutdown)
             http_stop.set()
-            await forwarder.aclose()
+            await worker.forwarder.aclose()
             await server_done.wait()  # hypercorn finishes its own graceful close first
-            nursery.cancel_scope.cancel()  # then the signal loop and the reaper
-        log.info("shepherd.exit", exit_code=exit_code, state=machine.state.value)
+            nursery.cancel_scope.cancel()  # then the signal loop, the probes and the reaper
+        log.info("shepherd.exit", exit_code=exit_code, state=worker.machine.state.value)
         return exit_code
 
 

@@ -1,0 +1,238 @@
+"""Assembling one worker from its Config: every long-lived piece, built once, wired together.
+
+`Worker` holds the pieces (state machine, lifecycle, ledger, admission, proxy, probes, reporter) and
+answers the read-only questions asked of the whole: `status()` for `/status`, `metrics_view()` for
+`/metrics`. `supervisor/run.py` decides when things start and stop; this module decides what exists.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+import trio
+
+from probes.gpu import default_gpu_probe
+from probes.health import HealthProbe
+from probes.host import HostProbe
+from probes.model_metrics import ModelMetricsProbe
+from proxy.admission import Admission
+from proxy.app import Gateway, create_app
+from proxy.forward import Forwarder
+from proxy.handler import ProxySettings, RequestHandler
+from proxy.ledger import Ledger
+from proxy.metrics import GpuView, Metrics, MetricsView
+from proxy.signature import KeySource, PemFileKeySource, RemoteKeySource, Verifier
+from supervisor.config import Config
+from supervisor.lifecycle import Lifecycle, LifecycleSettings
+from supervisor.load import LoadMonitor
+from supervisor.logs import get_logger
+from supervisor.restart import BackoffSettings, RestartPolicy
+from supervisor.rules import LogRules
+from supervisor.states import State, StateMachine, Transition
+
+VERSION = "0.1.0"
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def model_env(config: Config) -> dict[str, str]:
+    env = dict(config.environ)
+    # Python servers block-buffer a piped stdout: their load line would reach us late.
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def key_source(config: Config, client: httpx.AsyncClient) -> KeySource | None:
+    """None when unsecured; raises ValueError (a configuration error) for an unusable key file."""
+    if config.unsecured:
+        return None
+    if config.public_key_file:
+        return PemFileKeySource(config.public_key_file)
+    return RemoteKeySource(config.report_addr, client)
+
+
+@dataclass
+class Worker:
+    config: Config
+    client: httpx.AsyncClient
+    machine: StateMachine
+    lifecycle: Lifecycle
+    ledger: Ledger
+    admission: Admission
+    forwarder: Forwarder
+    handler: RequestHandler
+    load: LoadMonitor
+    metrics: Metrics
+    keys: KeySource | None
+    app: Gateway
+    started_wall: float = field(default_factory=time.time)
+    state_since_wall: float = field(default_factory=time.time)
+    state_changed: trio.Event = field(default_factory=trio.Event)
+    max_perf: float = 0.0  # benchmark capacity in workload units per second (or MAX_PERF)
+    loadtime: float = 0.0  # seconds from start to the first `ready`
+    reporter_failures: Callable[[], int] = lambda: 0
+
+    def is_ready(self) -> bool:
+        return self.machine.state is State.READY
+
+    def in_flight(self) -> int:
+        return self.ledger.in_flight
+
+    async def wait_state_change(self) -> None:
+        await self.state_changed.wait()
+
+    def on_transition(self, t: Transition) -> None:
+        self.state_since_wall = time.time()
+        get_logger("supervisor").info("state", **{"from": t.from_.value, "to": t.to.value, "reason": t.reason})
+        if t.to is State.DRAINING:
+            self.admission.set_draining()
+        if t.to is State.READY and not self.loadtime:
+            self.loadtime = round(time.time() - self.started_wall, 3)
+        self.state_changed.set()
+        self.state_changed = trio.Event()
+
+    def status(self) -> dict[str, Any]:
+        lc, ledger = self.lifecycle, self.ledger
+        model = lc.model
+        counters = ledger.peek_counters()
+        return {
+            "state": self.machine.state.value,
+            "since": iso(self.state_since_wall),
+            "reason": self.machine.reason,
+            "mode": "attach" if self.config.attach else "supervised",
+            "backend": self.config.backend,
+            "model": {
+                "pid": model.pid if model and model.process.returncode is None else None,
+                "restarts": lc.restarts,
+                "last_error": lc.last_error,
+                "log_lines": lc.lines_seen,
+                "url": self.config.model_server_url,
+                "loadtime_s": self.loadtime,
+            },
+            "requests": {
+                "running": ledger.running,
+                "waiting": ledger.waiting,
+                "running_work": ledger.running_work,
+                "waiting_work": ledger.waiting_work,
+                "received": ledger.num_received,
+                "served_work_total": ledger.served_total,
+                "since_last_report": {
+                    "new_load": counters.new_load, "rej_load": counters.rej_load, "cur_perf": counters.cur_perf,
+                },
+            },
+            "max_perf": self.max_perf,
+            **self.load.status(),
+            "shepherd": {
+                "version": VERSION,
+                "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started_wall, 3),
+                "python": platform.python_version(),
+                "trio": trio.__version__,
+            },
+        }
+
+    def metrics_view(self) -> MetricsView:
+        load = self.load
+        gpu, host, e = load.gpu, load.host, load.current
+        gpus = None
+        if gpu is not None and gpu.available and gpu.devices:
+            gpus = [
+                GpuView(str(d.index), d.util_gpu / 100.0 if d.util_gpu is not None else None, d.memory_used,
+                        d.memory_total, d.power_watts, d.temperature_c, d.sm_active)
+                for d in gpu.devices
+            ]
+        tree = host.model_tree if host is not None else None
+        return MetricsView(
+            state=self.machine.state.value,
+            states=[s.value for s in State],
+            restarts=self.lifecycle.restarts,
+            running_work=self.ledger.running_work,
+            waiting_work=self.ledger.waiting_work,
+            capacity=e.capacity,
+            utilisation=e.utilisation,
+            wait_seconds=e.wait_seconds,
+            reporter_failures=self.reporter_failures(),
+            gpus=gpus,
+            host_cpu_percent=host.cpu_percent if host else None,
+            host_memory_used=host.memory_used if host else None,
+            model_cpu_percent=tree.cpu_percent if tree else None,
+            model_rss=tree.rss_bytes if tree else None,
+        )
+
+
+def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
+    """Raises ValueError for a configuration problem found only now (an unusable key file)."""
+    keys = key_source(config, client)
+    machine = StateMachine(trio.current_time)
+    lifecycle = Lifecycle(
+        LifecycleSettings(
+            command=config.command,
+            model_log=config.model_log,
+            env=model_env(config),
+            stop_timeout=config.stop_timeout,
+            load_timeout=config.load_timeout,
+            health_interval=config.health_interval,
+            unhealthy_timeout=config.unhealthy_timeout,
+        ),
+        machine,
+        RestartPolicy(BackoffSettings(
+            initial=config.restart_delay, maximum=config.restart_max_delay,
+            reset_after=config.restart_reset_after, max_failures=config.max_failures,
+        )),
+        LogRules.build(config.load_patterns, config.error_patterns, config.fatal_patterns, config.info_patterns),
+        HealthProbe(client, config.model_server_url + config.health_endpoint, config.health_timeout),
+    )
+    ledger = Ledger(keep_finished=config.reporting)
+    holder: list[Worker] = []  # the callables below need the worker, which needs them first
+
+    def tree_pids() -> set[int]:
+        model = lifecycle.model
+        return set(model.tracked) if model is not None else set()
+
+    def root_pid() -> int | None:
+        model = lifecycle.model
+        return model.pid if model is not None and model.process.returncode is None else None
+
+    spec = config.spec
+    model_metrics = (
+        ModelMetricsProbe(client, config.model_server_url, spec.metrics_kind, spec.metrics_path)
+        if spec.metrics_path else None
+    )
+    workspace = config.workspace if os.path.isdir(config.workspace) else "/"
+    load = LoadMonitor(
+        ledger, default_gpu_probe(own_pids=tree_pids), HostProbe(workspace, root_pid), model_metrics,
+        max_perf=lambda: holder[0].max_perf, interval=config.probe_interval,
+    )
+    admission = Admission(ledger, load.capacity, lambda: holder[0].is_ready(),
+                          lambda: holder[0].wait_state_change())
+    verifier = Verifier(keys, config.signature_format, config.public_url) if keys is not None else None
+    forwarder = Forwarder(config.model_server_url)
+    metrics = Metrics(lambda: holder[0].metrics_view())
+    access = get_logger("proxy.access")
+    handler = RequestHandler(
+        ProxySettings(unsecured=config.unsecured, max_body_bytes=config.max_body_bytes),
+        forwarder, ledger, admission, verifier,
+        access_log=None if config.access_log == "off" else getattr(access, config.access_log),
+        metrics=metrics,
+    )
+    app = Gateway(
+        create_app(lambda: holder[0].status(), metrics.render),
+        {r.path: r for r in spec.routes},
+        handler,
+    )
+    worker = Worker(
+        config, client, machine, lifecycle, ledger, admission, forwarder, handler, load, metrics, keys, app,
+        max_perf=config.max_perf or 0.0,
+    )
+    holder.append(worker)
+    machine.subscribe(worker.on_transition)
+    return worker
