@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from backends import demo, generic, tgi
+from backends import demo, generic, openai, tgi
 from backends.spec import BackendSpec
 
-BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (demo.SPEC, generic.SPEC, tgi.SPEC)}
+BACKENDS: dict[str, BackendSpec] = {
+    spec.name: spec
+    for spec in (demo.SPEC, generic.SPEC, tgi.SPEC, openai.VLLM, openai.SGLANG, openai.LLAMACPP, openai.OLLAMA)
+}
 
 
 def get_backend(name: str) -> BackendSpec:

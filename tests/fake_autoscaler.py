@@ -89,7 +89,10 @@ class FakeAutoscaler:
         self._server = ThreadingHTTPServer((host, port), self._handler_class())
         self._server.daemon_threads = True
         self._server.block_on_close = False  # type: ignore[attr-defined]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-autoscaler", daemon=True)
+        # A short poll interval: stop() waits for the serving loop to notice.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-autoscaler", daemon=True
+        )
 
     # -- running -----------------------------------------------------------------------------------
 
