@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import sys
+from pathlib import Path
 
 from backends.spec import BackendSpec, Route, field_workload
 
@@ -28,7 +29,9 @@ SPEC = BackendSpec(
     name="demo",
     description="bundled demo model server (no GPU needed)",
     default_url="http://127.0.0.1:5001",
-    default_command=(sys.executable, "-m", "backends.demo_server", "--host", "{host}", "--port", "{port}"),
+    # The script's own path: it runs from any working directory, installed or not.
+    default_command=(sys.executable, str(Path(__file__).with_name("demo_server.py")), "--host", "{host}",
+                     "--port", "{port}"),
     health_path="/health",
     load_patterns=("model loaded, serving on",),
     error_patterns=("demo: model error",),

@@ -523,11 +523,16 @@ def main(argv: list[str] | None = None) -> None:
             time.sleep(3600)
 
     # Bind before the ready line, so a supervisor that sees the line can connect at once.
-    server = DemoServer(
-        (args.host, args.port),
-        token_interval=args.token_interval,
-        health_fail_after=args.health_fail_after,
-    )
+    try:
+        server = DemoServer(
+            (args.host, args.port),
+            token_interval=args.token_interval,
+            health_fail_after=args.health_fail_after,
+        )
+    except OSError as exc:
+        # One clear line instead of a traceback, as a real server reports a taken port.
+        emit(f"demo: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", err=True)
+        os._exit(1)
     server.ready_at = time.monotonic()
     start_daemon(threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="serve"))
     emit(f"demo: {READY_MARKER} {_url(args.host, server.server_port)}")

@@ -75,6 +75,16 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def upstream_credentials_removed(scope: Scope) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """Vast's client sends its endpoint API key as `Authorization: Bearer` and `?api_key=`. Once
+    shepherd has checked the signature, the key is not for the model server (vLLM started with its
+    own --api-key would refuse it, and a key has no business in another process's logs)."""
+    query = scope.get("query_string", b"")
+    if query:
+        query = b"&".join(p for p in query.split(b"&") if not p.startswith(b"api_key="))
+    return query, [(k, v) for k, v in scope["headers"] if k != b"authorization"]
+
+
 class RequestHandler:
     def __init__(
         self,
@@ -191,9 +201,10 @@ class RequestHandler:
 
             nursery.start_soon(watch)
             try:
+                query, headers = upstream_credentials_removed(scope) if self.verifier is not None else (
+                    scope.get("query_string", b""), list(scope["headers"]))
                 result = await self.forwarder.forward(
-                    scope["method"], route.target, scope.get("query_string", b""), list(scope["headers"]),
-                    payload, route.timeout, relay,
+                    scope["method"], route.target, query, headers, payload, route.timeout, relay,
                 )
             except UpstreamError as exc:
                 # Raised out of the nursery it would arrive wrapped in an ExceptionGroup (trio's

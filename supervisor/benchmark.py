@@ -195,7 +195,9 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:_ERROR_TEXT_LIMIT] if text else type(exc).__name__
 
 
-async def _one(client: httpx.AsyncClient, url: str, payload: dict[str, Any], workload: float, timeout: float) -> _Answer:
+async def _one(
+    client: httpx.AsyncClient, url: str, payload: dict[str, Any], workload: float, timeout: float
+) -> _Answer:
     try:
         # httpx's timeout is per phase; the trio deadline bounds a server that trickles its answer.
         with trio.fail_after(timeout):
@@ -240,7 +242,8 @@ async def run_benchmark(
     not ready, up to `settings.deadline_s`; so is any later round in which the server went back to
     "not ready" without serving anything. Payloads come from `route.benchmark(random.Random(seed))`.
     """
-    if route.benchmark is None:
+    generate = route.benchmark
+    if generate is None:
         raise BenchmarkError(f"route {route.path} has no benchmark payload generator")
     log = get_logger("supervisor.benchmark")
     url = base_url.rstrip("/") + route.target
@@ -255,7 +258,7 @@ async def run_benchmark(
         delay = settings.retry_initial_s
         tries = 0
         while True:
-            payloads = [route.benchmark(rng) for _ in range(count)]  # type: ignore[misc]
+            payloads = [generate(rng) for _ in range(count)]
             step = await _round(client, url, route, payloads, settings.request_timeout_s)
             if not step.not_ready:
                 if tries:

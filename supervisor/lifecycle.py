@@ -33,6 +33,10 @@ PIPE_DRAIN_TIMEOUT = 2.0  # after the tree is dead, the last output still arrive
 Warmup = Callable[[], Awaitable[None]]
 
 
+class WarmupFailed(Exception):
+    """The warm-up (benchmark) could not serve anything: restart, like an error line would."""
+
+
 async def no_warmup() -> None:
     return None
 
@@ -263,7 +267,11 @@ class Lifecycle:
             await self._probe_until_healthy(run)
             if not self.machine.try_to(State.WARMING, "health check passed"):
                 return  # draining: nothing more to announce
-            await self.warmup()
+            try:
+                await self.warmup()
+            except WarmupFailed as exc:
+                run.end(Outcome("error", f"warm-up failed: {exc}"))
+                return
             if not self.machine.try_to(State.READY, f"ready after {trio.current_time() - started:.1f}s"):
                 return
             self.last_error = ""

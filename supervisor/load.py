@@ -108,6 +108,10 @@ class LoadMonitor:
         self._stall_logged = self.current.stalled
         return self.current
 
+    async def sample_gpu(self) -> GpuSnapshot:
+        self.gpu = await self._gpu.sample()
+        return self.gpu
+
     async def sample_once(self) -> None:
         async with trio.open_nursery() as nursery:
             async def gpu() -> None:

@@ -24,13 +24,15 @@ from supervisor.config import Config
 from supervisor.lifecycle import Lifecycle
 from supervisor.logs import get_logger
 from supervisor.reaper import Reaper, become_subreaper
+from supervisor.reporter import WorkerIdentity, send_error_report
 from supervisor.states import State
 from supervisor.tail import set_aside_stale_log
 from supervisor.worker import VERSION, Worker, build_worker
 
 EXIT_OK, EXIT_GAVE_UP, EXIT_CONFIG = 0, 1, 2
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-HTTP_CLOSE_GRACE = 1.0  # seconds hypercorn gives connections after shepherd's own drain
+HTTP_CLOSE_GRACE = 1.0
+REPORT_FLUSH_TIMEOUT = 5.0  # seconds hypercorn gives connections after shepherd's own drain
 
 
 @dataclass
@@ -50,8 +52,10 @@ async def run(config: Config) -> int:
             try:
                 check_tls_files(config.ssl_cert, config.ssl_key)
             except (OSError, ValueError) as exc:
-                log.error("config.error", setting="SSL_CERT/SSL_KEY",
-                          error=f"cannot load TLS files {config.ssl_cert}, {config.ssl_key}: {exc}")
+                error = f"cannot load TLS files {config.ssl_cert}, {config.ssl_key}: {exc}"
+                log.error("config.error", setting="SSL_CERT/SSL_KEY", error=error)
+                async with httpx.AsyncClient(trust_env=False) as client:
+                    await _report_start_failure(config, client, f"Worker Server failed to launch: {error}")
                 return EXIT_CONFIG
         if config.attach and config.model_log and set_aside_stale_log(config.model_log):
             log.info("model_log.set_aside", path=config.model_log, moved_to=config.model_log + ".old")
@@ -99,6 +103,7 @@ async def _run(config: Config, signals: Any, subreaper: bool) -> int:
                 binds = await nursery.start(serve_http)
             except ServerStartError as exc:
                 log.error("config.error", setting="WORKER_PORT", error=str(exc))
+                await _report_start_failure(config, client, f"Worker Server failed to launch: {exc}")
                 nursery.cancel_scope.cancel()
                 return EXIT_CONFIG
             log.info("http.listening", binds=binds, routes=[r.path for r in config.spec.routes])
@@ -106,15 +111,27 @@ async def _run(config: Config, signals: Any, subreaper: bool) -> int:
                 nursery.start_soon(keys.fetch_until_loaded)
             nursery.start_soon(_signal_loop, signals, shutdown, lifecycle)
             nursery.start_soon(worker.load.run)
+            if worker.reporter is not None:
+                nursery.start_soon(worker.reporter.run)
             if subreaper:
                 nursery.start_soon(Reaper(lambda: set(lifecycle.owned_pids)).run)
             exit_code = await _main(config, worker, shutdown)
             http_stop.set()
             await worker.forwarder.aclose()
+            if worker.reporter is not None:
+                # the last word (failed, stopped) and the last finished requests must reach the autoscaler
+                await worker.reporter.flush(REPORT_FLUSH_TIMEOUT)
             await server_done.wait()  # hypercorn finishes its own graceful close first
             nursery.cancel_scope.cancel()  # then the signal loop, the probes and the reaper
         log.info("shepherd.exit", exit_code=exit_code, state=worker.machine.state.value)
         return exit_code
+
+
+async def _report_start_failure(config: Config, client: httpx.AsyncClient, error: str) -> None:
+    """One error report before exiting, so the autoscaler learns why this worker never came up."""
+    if config.reporting:
+        identity = WorkerIdentity.from_config(config, VERSION)
+        await send_error_report(client, config.report_addr, identity, error)
 
 
 def _with_key(keys: KeySource, warmup: Callable[[], Any]) -> Callable[[], Any]:

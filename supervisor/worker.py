@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -29,9 +29,19 @@ from proxy.handler import ProxySettings, RequestHandler
 from proxy.ledger import Ledger
 from proxy.metrics import GpuView, Metrics, MetricsView
 from proxy.signature import KeySource, PemFileKeySource, RemoteKeySource, Verifier
+from supervisor.benchmark import (
+    BenchmarkCache,
+    BenchmarkError,
+    BenchmarkSettings,
+    benchmark_route,
+    cache_key,
+    measure_capacity,
+    model_identity,
+)
 from supervisor.config import Config
-from supervisor.lifecycle import Lifecycle, LifecycleSettings
+from supervisor.lifecycle import Lifecycle, LifecycleSettings, WarmupFailed
 from supervisor.load import LoadMonitor
+from supervisor.reporter import Reporter, ReportState, WorkerIdentity
 from supervisor.logs import get_logger
 from supervisor.restart import BackoffSettings, RestartPolicy
 from supervisor.rules import LogRules
@@ -74,12 +84,13 @@ class Worker:
     metrics: Metrics
     keys: KeySource | None
     app: Gateway
+    report_state: ReportState
+    reporter: Reporter | None
     started_wall: float = field(default_factory=time.time)
     state_since_wall: float = field(default_factory=time.time)
     state_changed: trio.Event = field(default_factory=trio.Event)
-    max_perf: float = 0.0  # benchmark capacity in workload units per second (or MAX_PERF)
-    loadtime: float = 0.0  # seconds from start to the first `ready`
-    reporter_failures: Callable[[], int] = lambda: 0
+    max_perf: float = 0.0  # measured capacity in workload units per second (benchmark, cache, MAX_PERF)
+    capacity_source: str = "none"
 
     def is_ready(self) -> bool:
         return self.machine.state is State.READY
@@ -95,10 +106,45 @@ class Worker:
         get_logger("supervisor").info("state", **{"from": t.from_.value, "to": t.to.value, "reason": t.reason})
         if t.to is State.DRAINING:
             self.admission.set_draining()
-        if t.to is State.READY and not self.loadtime:
-            self.loadtime = round(time.time() - self.started_wall, 3)
+        self.report_state.on_transition(t)
+        if self.reporter is not None:
+            self.reporter.poke()  # the autoscaler hears of every transition at once
         self.state_changed.set()
         self.state_changed = trio.Event()
+
+    def poke(self) -> None:
+        if self.reporter is not None:
+            self.reporter.poke()
+
+    async def warmup(self) -> None:
+        """State `warming`: find the capacity (MAX_PERF, the cache, or a benchmark against the server)."""
+        config, log = self.config, get_logger("supervisor.benchmark")
+        route = benchmark_route(config.spec)
+        fixed = config.max_perf if (config.skip_benchmark or route is None) and config.max_perf else None
+        if route is None and fixed is None:
+            log.warning("benchmark.unavailable", backend=config.backend,
+                        why="the backend has no benchmark route; set MAX_PERF for 429s and max_perf")
+            return
+        assert route is not None or fixed is not None
+        settings = BenchmarkSettings(
+            runs=config.benchmark_runs,
+            concurrency=config.benchmark_concurrency if route is None or route.parallel else 1,
+        )
+        gpu = self.load.gpu or await self.load.sample_gpu()
+        key = cache_key(config.backend, model_identity(config.command, config.environ),
+                        [d.name for d in gpu.devices], settings)
+        cache = BenchmarkCache(Path(config.benchmark_cache), legacy_path=Path.cwd() / ".has_benchmark")
+        try:
+            capacity = await measure_capacity(
+                self.client, config.model_server_url, route, settings, cache, key,  # type: ignore[arg-type]
+                fixed_max_perf=fixed,
+            )
+        except BenchmarkError as exc:
+            raise WarmupFailed(exc.reason) from exc
+        self.max_perf, self.capacity_source = capacity.max_perf, capacity.source
+        self.report_state.set_max_perf(capacity.max_perf)
+        log.info("benchmark.capacity", max_perf=capacity.max_perf, source=capacity.source,
+                 rounds=list(capacity.result.rounds) if capacity.result else None)
 
     def status(self) -> dict[str, Any]:
         lc, ledger = self.lifecycle, self.ledger
@@ -116,7 +162,7 @@ class Worker:
                 "last_error": lc.last_error,
                 "log_lines": lc.lines_seen,
                 "url": self.config.model_server_url,
-                "loadtime_s": self.loadtime,
+                "loadtime_s": self.report_state.loadtime,
             },
             "requests": {
                 "running": ledger.running,
@@ -130,7 +176,9 @@ class Worker:
                 },
             },
             "max_perf": self.max_perf,
+            "capacity_source": self.capacity_source,
             **self.load.status(),
+            "reporter": self.reporter.stats().as_dict() if self.reporter is not None else None,
             "shepherd": {
                 "version": VERSION,
                 "pid": os.getpid(),
@@ -160,7 +208,7 @@ class Worker:
             capacity=e.capacity,
             utilisation=e.utilisation,
             wait_seconds=e.wait_seconds,
-            reporter_failures=self.reporter_failures(),
+            reporter_failures=self.reporter.failures if self.reporter is not None else 0,
             gpus=gpus,
             host_cpu_percent=host.cpu_percent if host else None,
             host_memory_used=host.memory_used if host else None,
@@ -220,7 +268,7 @@ def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
     access = get_logger("proxy.access")
     handler = RequestHandler(
         ProxySettings(unsecured=config.unsecured, max_body_bytes=config.max_body_bytes),
-        forwarder, ledger, admission, verifier,
+        forwarder, ledger, admission, verifier, on_change=lambda: holder[0].poke(),
         access_log=None if config.access_log == "off" else getattr(access, config.access_log),
         metrics=metrics,
     )
@@ -229,10 +277,16 @@ def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
         {r.path: r for r in spec.routes},
         handler,
     )
+    report_state = ReportState(machine.since)
+    reporter = Reporter(
+        client, config.report_addr, WorkerIdentity.from_config(config, VERSION), ledger,
+        lambda: report_state.view(ledger),
+    ) if config.reporting else None
     worker = Worker(
         config, client, machine, lifecycle, ledger, admission, forwarder, handler, load, metrics, keys, app,
-        max_perf=config.max_perf or 0.0,
+        report_state, reporter,
     )
     holder.append(worker)
     machine.subscribe(worker.on_transition)
+    lifecycle.warmup = worker.warmup
     return worker

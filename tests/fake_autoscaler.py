@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 from cryptography.hazmat.primitives import hashes, serialization
@@ -216,7 +217,7 @@ class FakeAutoscaler:
                 self.wfile.write(body)
 
             def do_GET(self) -> None:
-                if self.path == "/pubkey/":
+                if urlsplit(self.path).path == "/pubkey/":
                     self._send(200, fake.public_pem, "text/plain")
                 else:
                     self._send(404, b'{"error": "not found"}')
@@ -229,11 +230,13 @@ class FakeAutoscaler:
                     body = json.loads(raw) if raw else None
                 except ValueError:
                     body = None
-                if self.path == "/route/":
+                # Vast's client also sends the key as `?api_key=`: match on the path alone.
+                path = urlsplit(self.path).path
+                if path == "/route/":
                     fake.route_calls.append(body if isinstance(body, dict) else {})
                     self._send(200, json.dumps(fake._route(body if isinstance(body, dict) else {})).encode())
                     return
-                if self.path not in (STATUS, DELETE):
+                if path not in (STATUS, DELETE):
                     self._send(404, b'{"error": "not found"}')
                     return
                 with fake._cond:
@@ -241,25 +244,25 @@ class FakeAutoscaler:
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                 try:
-                    self._answer(mode, slow, body, arrived)
+                    self._answer(path, mode, slow, body, arrived)
                 finally:
                     with fake._cond:
                         fake.in_flight -= 1
 
-            def _answer(self, mode: str, slow: float, body: Any, arrived: float) -> None:
+            def _answer(self, path: str, mode: str, slow: float, body: Any, arrived: float) -> None:
                 if mode == "down":
-                    fake._record(Received(self.path, body, arrived, None))
+                    fake._record(Received(path, body, arrived, None))
                     self.close_connection = True  # no answer at all: the client sees a dropped connection
                     return
                 if mode == "error500":
-                    fake._record(Received(self.path, body, arrived, 500))
+                    fake._record(Received(path, body, arrived, 500))
                     self._send(500, b'{"error": "internal error"}')
                     return
                 delayed = 0.0
                 if mode == "slow":
                     fake._release.wait(slow)
                     delayed = time.monotonic() - arrived
-                fake._record(Received(self.path, body, arrived, 200, delayed))
+                fake._record(Received(path, body, arrived, 200, delayed))
                 try:
                     self._send(200, b'{"ok": true}')
                 except OSError:

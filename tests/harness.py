@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -24,6 +25,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = ROOT / "entrypoint.py"
 DEFAULT_TIMEOUT = 30.0
+# shepherd runs in a scratch directory: its benchmark cache (shared by the session's tests, so most
+# starts skip the benchmark) and anything else it writes stay out of the checkout.
+WORKDIR = Path(tempfile.mkdtemp(prefix="shepherd-e2e-"))
 
 Event = dict[str, Any]
 
@@ -81,7 +85,7 @@ class Shepherd:
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, str(ENTRYPOINT), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=str(ROOT), start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=str(WORKDIR), start_new_session=True,
         )
         self.events: list[Event] = []
         self.raw_stdout: list[bytes] = []

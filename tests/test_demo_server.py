@@ -208,6 +208,17 @@ def test_port_zero_names_the_bound_port(spawn: Callable[..., Child]) -> None:
     assert httpx.get(f"{url}/health", timeout=5).json() == {"status": "ok"}
 
 
+def test_port_in_use_exits_1_with_one_line(spawn: Callable[..., Child]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        child = spawn("--port", str(port), "--load-delay", "0")
+        assert child.proc.wait(timeout=5) == 1
+    assert child.wait_line("cannot listen", stream="err").startswith(f"demo: cannot listen on 127.0.0.1:{port}")
+    assert not any(READY in line for line in child.lines())
+
+
 def test_malformed_env_value_exits_2(spawn: Callable[..., Child]) -> None:
     child = spawn(env={"DEMO_LOAD_DELAY": "soon"})
     assert child.proc.wait(timeout=5) == 2
@@ -274,7 +285,8 @@ def test_stream_sends_one_chunk_per_token(spawn: Callable[..., Child], client: h
     n = 10
     chunks: list[bytes] = []
     arrivals: list[float] = []
-    with client.stream("POST", f"{url}/generate_stream", json={"inputs": "x", "parameters": {"max_new_tokens": n}}) as r:
+    payload = {"inputs": "x", "parameters": {"max_new_tokens": n}}
+    with client.stream("POST", f"{url}/generate_stream", json=payload) as r:
         assert r.status_code == 200
         assert r.headers["content-type"] == "text/event-stream"
         assert r.headers["transfer-encoding"] == "chunked"
@@ -291,7 +303,9 @@ def test_stream_sends_one_chunk_per_token(spawn: Callable[..., Child], client: h
     assert arrivals[n - 1] - arrivals[0] >= 0.5 * (n - 1) * interval
 
 
-def test_stream_client_disconnect_reaches_the_server(spawn: Callable[..., Child], client: httpx.Client) -> None:
+def test_stream_client_disconnect_reaches_the_server(
+    spawn: Callable[..., Child], client: httpx.Client
+) -> None:
     child, url = ready_server(spawn, token_interval=0.02)
     with client.stream(
         "POST", f"{url}/generate_stream", json={"inputs": "x", "parameters": {"max_new_tokens": 10_000}}
@@ -324,7 +338,9 @@ def test_generate_client_disconnect_during_wait(spawn: Callable[..., Child], cli
 
 
 def test_health_fails_after_and_error_line(spawn: Callable[..., Child], client: httpx.Client) -> None:
-    child, url = ready_server(spawn, "--health-fail-after", "1.0", "--error-line", "CUDA error: device-side assert")
+    child, url = ready_server(
+        spawn, "--health-fail-after", "1.0", "--error-line", "CUDA error: device-side assert"
+    )
     assert client.get(f"{url}/health").status_code == 200
     assert child.wait_line("CUDA error", stream="err") == "CUDA error: device-side assert"
 

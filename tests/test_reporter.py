@@ -17,7 +17,7 @@ import structlog
 import trio
 import trio.testing
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from proxy.ledger import Counters, Ledger, RequestStatus
 from supervisor.reporter import (
@@ -469,7 +469,7 @@ async def test_slow_autoscaler_does_not_slow_requests(fake: FakeAutoscaler) -> N
             await trio.sleep(0.01)
             worst = max(worst, time.perf_counter() - t0 - 0.01)
         nursery.cancel_scope.cancel()
-    assert worst < 0.1
+    assert worst < 0.25  # a reporter that waited on the autoscaler would show its 1 s timeout here
     assert fake.max_in_flight <= 2  # one status and one delete try at a time, however many pokes
     assert reporter.failures >= 1 and fake.reports() == []
     assert ledger.peek_counters().received_work > 0  # kept for the next accepted report
@@ -533,8 +533,9 @@ def test_route_and_sign_auth_verify_with_the_served_key() -> None:
         waiting = httpx.post(server.url + "/route/", json={"endpoint": "e", "api_key": "k", "cost": 50}).json()
     assert "url" not in waiting and waiting["endpoint"] == "e"
     key = serialization.load_pem_public_key(pem)
+    assert isinstance(key, rsa.RSAPublicKey)
     message = json.dumps({"url": "http://127.0.0.1:9"}, indent=4, sort_keys=True).encode()
-    key.verify(base64.b64decode(route["signature"]), message, padding.PKCS1v15(), hashes.SHA256())  # type: ignore[union-attr]
+    key.verify(base64.b64decode(route["signature"]), message, padding.PKCS1v15(), hashes.SHA256())
     assert set(route) == {"endpoint", "url", "cost", "reqnum", "signature", "__request_id", "request_idx"}
     for fmt in ("url", "sorted", "legacy"):
         auth = server.sign_auth("https://5.6.7.8:1234", fmt, cost=242.0)
@@ -544,4 +545,4 @@ def test_route_and_sign_auth_verify_with_the_served_key() -> None:
             "legacy": {k: auth[k] for k in ("cost", "endpoint", "reqnum", "url")},
         }[fmt]
         text = json.dumps(signed, indent=4, sort_keys=fmt != "legacy").encode()
-        key.verify(base64.b64decode(auth["signature"]), text, padding.PKCS1v15(), hashes.SHA256())  # type: ignore[union-attr]
+        key.verify(base64.b64decode(auth["signature"]), text, padding.PKCS1v15(), hashes.SHA256())

@@ -213,9 +213,9 @@ def test_startup_json_lines_in_order_connected_before_listening(
     assert by_message["Starting shard"]["span"] == {"rank": 0, "name": "shard-manager"}
     assert by_message["Starting shard"]["target"] == "text_generation_launcher"
     assert "fields" not in json.loads(connected)  # the router flattens its event fields
-    assert child.lines()[0].startswith(
-        '{"timestamp":"'
-    ) and '"level":"INFO","fields":{"message":"Args { model_id: \\"org/tiny-model\\"' in child.lines()[0]
+    first = child.lines()[0]
+    assert first.startswith('{"timestamp":"')
+    assert '"level":"INFO","fields":{"message":"Args { model_id: \\"org/tiny-model\\"' in first
 
     def healthy() -> bool:
         try:
@@ -233,7 +233,8 @@ def test_plain_text_logs_without_json_output(spawn: Callable[..., Child]) -> Non
     line = child.wait_line("Connected")
     assert line.endswith(" INFO text_generation_router: router/src/server.rs:1770: Connected")
     assert not line.startswith("{")
-    assert "INFO shard-manager: text_generation_launcher: Starting shard rank=0" in child.wait_line("Starting shard")
+    shard = child.wait_line("Starting shard")
+    assert "INFO shard-manager: text_generation_launcher: Starting shard rank=0" in shard
 
 
 # -- routes --------------------------------------------------------------------------------------
@@ -251,7 +252,9 @@ def test_info_generate_and_validation(spawn: Callable[..., Child], client: httpx
     assert r.headers["x-prompt-tokens"] == "2"
     default = client.post(f"{url}/generate", json={"inputs": "hi"}).json()
     assert default["generated_text"].split() == [f"tok{i}" for i in range(20)]  # documented default: 20
-    detailed = client.post(f"{url}/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2, "details": True}})
+    detailed = client.post(
+        f"{url}/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2, "details": True}}
+    )
     assert detailed.json()["details"]["finish_reason"] == "length"
     assert detailed.json()["details"]["generated_tokens"] == 2
 
@@ -277,7 +280,9 @@ def test_compat_route_picks_stream_by_flag(spawn: Callable[..., Child], client: 
     _child, url = ready_tgi(spawn)
     plain = client.post(f"{url}/", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}})
     assert plain.json() == {"generated_text": "tok0 tok1"}
-    streamed = client.post(f"{url}/", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}, "stream": True})
+    streamed = client.post(
+        f"{url}/", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}, "stream": True}
+    )
     assert streamed.headers["content-type"] == "text/event-stream"
     assert streamed.text.count("data:{") == 2
 
@@ -288,7 +293,8 @@ def test_stream_event_shape_one_chunk_per_token(spawn: Callable[..., Child], cli
     n = 5
     chunks: list[bytes] = []
     arrivals: list[float] = []
-    with client.stream("POST", f"{url}/generate_stream", json={"inputs": "x", "parameters": {"max_new_tokens": n}}) as r:
+    payload = {"inputs": "x", "parameters": {"max_new_tokens": n}}
+    with client.stream("POST", f"{url}/generate_stream", json=payload) as r:
         assert r.status_code == 200
         assert r.headers["content-type"] == "text/event-stream"
         for chunk in r.iter_raw():
@@ -300,7 +306,8 @@ def test_stream_event_shape_one_chunk_per_token(spawn: Callable[..., Child], cli
     assert [e["index"] for e in events] == list(range(1, n + 1))
     assert all(set(e["token"]) == {"id", "text", "logprob", "special"} for e in events)
     assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
-    assert events[-1]["generated_text"] == "".join(e["token"]["text"] for e in events) == "tok0 tok1 tok2 tok3 tok4"
+    full = "".join(e["token"]["text"] for e in events)
+    assert events[-1]["generated_text"] == full == "tok0 tok1 tok2 tok3 tok4"
     assert events[-1]["details"] == {"finish_reason": "length", "generated_tokens": n, "seed": None}
     assert arrivals[-1] - arrivals[0] >= 0.5 * (n - 1) * interval  # spread out, not one blob
 
@@ -357,6 +364,16 @@ def test_failures_end_like_the_real_launcher(spawn: Callable[..., Child], failur
     records = [json.loads(line) for line in child.lines()]
     assert any(r["level"] == "ERROR" for r in records)
     assert not any(CONNECTED in line for line in child.lines())
+
+
+def test_port_in_use_is_a_webserver_failure(spawn: Callable[..., Child]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        child = launch(spawn, taken.getsockname()[1], {"TGI_LOAD_DELAY": "0"})
+        assert child.finish() == 1
+    assert child.lines("err")[-1] == "Error: WebserverFailed"
+    assert "Webserver Crashed" in child.wait_line("Webserver Crashed")
 
 
 def test_bad_fail_switch_exits_2(spawn: Callable[..., Child]) -> None:

@@ -51,7 +51,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NoReturn
 
 LAUNCHER = "text_generation_launcher"
 ROUTER = "text_generation_router"
@@ -60,6 +60,8 @@ DEFAULT_MAX_NEW_TOKENS = 20
 MAX_TOTAL_TOKENS = 4096
 MAX_BATCH_TOTAL_TOKENS = 16000
 MAX_BODY_BYTES = 16 * 1024 * 1024
+# axum's prefix for a body that parses as JSON but not as the request type.
+DESERIALIZE = "Failed to deserialize the JSON body into the target type"
 VERSION = "2.0.4"
 DISCONNECT_POLL_S = 0.05
 WAITING_LOG_EVERY_S = 10.0
@@ -371,7 +373,11 @@ class TgiHandler(BaseHTTPRequestHandler):
             "name": route,
         }
         self.server.log.router(
-            "INFO", "Success", target=f"{ROUTER}::server", line_number=511 if route.endswith("stream") else 311, span=span
+            "INFO",
+            "Success",
+            target=f"{ROUTER}::server",
+            line_number=511 if route.endswith("stream") else 311,
+            span=span,
         )
 
     def _wait(self, seconds: float) -> bool:
@@ -399,37 +405,34 @@ class TgiHandler(BaseHTTPRequestHandler):
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValidationError(400, f"Failed to parse the request body as JSON: {exc}") from None
         if not isinstance(payload, dict):
-            raise ValidationError(422, "Failed to deserialize the JSON body into the target type: expected a map")
+            raise ValidationError(422, f"{DESERIALIZE}: expected a map")
         return payload
 
     def _validate(self, payload: dict[str, Any]) -> tuple[str, int, bool, bool]:
         if "inputs" not in payload:
-            raise ValidationError(
-                422, "Failed to deserialize the JSON body into the target type: missing field `inputs`"
-            )
+            raise ValidationError(422, f"{DESERIALIZE}: missing field `inputs`")
         inputs = payload["inputs"]
         if not isinstance(inputs, str):
             raise ValidationError(
-                422, "Failed to deserialize the JSON body into the target type: inputs: invalid type, expected a string"
+                422, f"{DESERIALIZE}: inputs: invalid type, expected a string"
             )
         if not inputs:
             raise ValidationError(422, "Input validation error: `inputs` cannot be empty")
         params = payload.get("parameters") or {}
         if not isinstance(params, dict):
-            raise ValidationError(
-                422, "Failed to deserialize the JSON body into the target type: parameters: expected a map"
-            )
+            raise ValidationError(422, f"{DESERIALIZE}: parameters: expected a map")
         n = params.get("max_new_tokens")
         if n is None:
             n = DEFAULT_MAX_NEW_TOKENS
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValidationError(
                 422,
-                "Failed to deserialize the JSON body into the target type: "
-                "parameters.max_new_tokens: invalid value, expected u32",
+                f"{DESERIALIZE}: parameters.max_new_tokens: invalid value, expected u32",
             )
         if n == 0:
-            raise ValidationError(422, "Input validation error: `max_new_tokens` must be strictly greater than 0")
+            raise ValidationError(
+                422, "Input validation error: `max_new_tokens` must be strictly greater than 0"
+            )
         prompt_tokens = len(inputs.split())
         if prompt_tokens + n > MAX_TOTAL_TOKENS:
             raise ValidationError(
@@ -498,7 +501,9 @@ class TgiHandler(BaseHTTPRequestHandler):
     def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         self._send(status, _compact(body).encode(), "application/json", headers)
 
-    def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -575,7 +580,9 @@ def _shutdown_lines(log: Log) -> list[str]:
         lines += [
             log.launcher_line("INFO", "Terminating webserver"),
             log.launcher_line("INFO", "Waiting for webserver to gracefully shutdown"),
-            log.router_line("INFO", "signal received, starting graceful shutdown", f"{ROUTER}::server", line_number=1900),
+            log.router_line(
+                "INFO", "signal received, starting graceful shutdown", f"{ROUTER}::server", line_number=1900
+            ),
             log.launcher_line("INFO", "webserver terminated"),
         ]
     lines += [
@@ -598,12 +605,25 @@ def _on_stop_signal(_signum: int, _frame: object) -> None:
     os._exit(0)
 
 
-def _fail(log: Log, name: str, lines: list[str]) -> None:
+def _fail(log: Log, name: str, lines: list[str]) -> NoReturn:
     for line in lines:
         log.write(line)
     sys.stderr.write(f"Error: {name}\n")
     sys.stderr.flush()
     os._exit(1)
+
+
+def _webserver_failed(log: Log, reason: str) -> NoReturn:
+    _fail(log, "WebserverFailed", [
+        log.router_line(
+            "ERROR", f"Server error: error creating server listener: {reason}", ROUTER, line_number=1770
+        ),
+        log.launcher_line("ERROR", "Webserver Crashed"),
+        log.launcher_line("INFO", "Shutting down shards"),
+        log.launcher_line("INFO", "Terminating shard", SHARD_SPAN),
+        log.launcher_line("INFO", "Waiting for shard to gracefully shutdown", SHARD_SPAN),
+        log.launcher_line("INFO", "shard terminated", SHARD_SPAN),
+    ])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -640,7 +660,8 @@ def main(argv: list[str] | None = None) -> None:
                 DOWNLOAD_SPAN,
             ),
         ])
-    log.launcher("INFO", f"Downloaded /data/models--{model.replace('/', '--')}/model.safetensors in 0:00:01.", DOWNLOAD_SPAN)
+    cached = f"/data/models--{model.replace('/', '--')}/model.safetensors"
+    log.launcher("INFO", f"Downloaded {cached} in 0:00:01.", DOWNLOAD_SPAN)
     log.launcher("INFO", f"Successfully downloaded weights for {model}", DOWNLOAD_SPAN)
 
     shard_start = time.monotonic()
@@ -675,27 +696,26 @@ def main(argv: list[str] | None = None) -> None:
     log.launcher("INFO", "Starting Webserver")
     _webserver_started = True
     if fail == "WebserverFailed":
-        _fail(log, fail, [
-            log.router_line(
-                "ERROR",
-                "Server error: error creating server listener: Address already in use (os error 98)",
-                ROUTER,
-                line_number=1770,
-            ),
-            log.launcher_line("ERROR", "Webserver Crashed"),
-            log.launcher_line("INFO", "Shutting down shards"),
-            log.launcher_line("INFO", "Terminating shard", SHARD_SPAN),
-            log.launcher_line("INFO", "Waiting for shard to gracefully shutdown", SHARD_SPAN),
-            log.launcher_line("INFO", "shard terminated", SHARD_SPAN),
-        ])
+        _webserver_failed(log, "Address already in use (os error 98)")
     log.router("INFO", "Warming up model", filename="router/src/main.rs", line_number=420)
     time.sleep(load_delay * 0.2)
-    log.router("INFO", f"Setting max batch total tokens to {MAX_BATCH_TOTAL_TOKENS}", filename="router/src/main.rs", line_number=456)
+    log.router(
+        "INFO",
+        f"Setting max batch total tokens to {MAX_BATCH_TOTAL_TOKENS}",
+        filename="router/src/main.rs",
+        line_number=456,
+    )
     # Real TGI logs Connected after building its routes and BEFORE the listener serves.
     log.router("INFO", "Connected", line_number=1770)
     time.sleep(listen_delay)
-    server = TgiServer((args.hostname, args.port), model_id=model, token_interval=token_interval, log=log)
-    serve = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="serve", daemon=True)
+    try:
+        server = TgiServer((args.hostname, args.port), model_id=model, token_interval=token_interval, log=log)
+    except OSError as exc:
+        # A port that cannot be bound ends the real launcher the same way.
+        _webserver_failed(log, f"{exc.strerror or exc} (os error {exc.errno})")
+    serve = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="serve", daemon=True
+    )
     # Block the stop signals while starting it: the serve thread and the request threads it spawns
     # inherit the mask, so SIGTERM always lands on the main thread. Otherwise a worker thread could
     # take it, and Python, which runs handlers only in the main thread, would leave it asleep.
