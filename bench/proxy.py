@@ -412,6 +412,15 @@ class Processes:
         self.procs.append(proc)
         return proc
 
+    def stop(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
@@ -496,7 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-pin", action="store_true", help="do not pin proxies and load to separate CPUs")
     ap.add_argument("--access-log", choices=("info", "debug", "off"), default="info",
                     help="shepherd's ACCESS_LOG (default info, as in production)")
-    ap.add_argument("--profile", metavar="DIR", help="afterwards, sample shepherd with py-spy under wrk -c64")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="afterwards, sample a fresh shepherd with py-spy under wrk -c8 and -c64 and print hot spots")
+    ap.add_argument("--shepherd-b", metavar="ENTRYPOINT",
+                    help="also run another shepherd (e.g. a git worktree's entrypoint.py) as target `shepherd-b`")
     ap.add_argument("--serve-sse", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -545,23 +557,10 @@ def _run(args, procs: Processes, tmp: Path, nginx_bin: str, vast_python: str | N
 
     targets = [Target("direct", up)]
 
-    # shepherd, attach mode on the demo backend's routes (its log is set aside at start, so the
-    # load line is written once it listens).
-    port = free_port()
-    model_log = tmp / "model.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("REPORT_ADDR", "CONTAINER_ID", "MODEL_CMD")}
-    env["ACCESS_LOG"] = args.access_log
-    shepherd = procs.start(
-        [sys.executable, str(REPO / "entrypoint.py"), "--backend", "demo", "--unsecured",
-         "--model-server-url", f"http://127.0.0.1:{up}", "--model-log", str(model_log),
-         "--host", "127.0.0.1", "--port", str(port), "--skip-benchmark", "--max-perf", "1000000"],
-        tmp / "shepherd.log", proxy_cpus, cwd=REPO, env=env,
-    )
-    wait_until(lambda: http_status(port, "GET", "/health") == 200, "shepherd", 30, shepherd, tmp / "shepherd.log")
-    with open(model_log, "a") as f:
-        f.write(LOAD_LINE + "\n")
-    wait_until(lambda: http_status(port, "GET", "/ready") == 200, "shepherd ready", 30, shepherd, tmp / "shepherd.log")
-    targets.append(Target("shepherd", port, shepherd))
+    targets.append(_start_shepherd(procs, tmp, "shepherd", str(REPO / "entrypoint.py"), up, args.access_log,
+                                   proxy_cpus))
+    if args.shepherd_b:
+        targets.append(_start_shepherd(procs, tmp, "shepherd-b", args.shepherd_b, up, args.access_log, proxy_cpus))
 
     vast_note = "Vast's worker: skipped (--no-vast)" if args.no_vast else ""
     if vast_python:
@@ -624,8 +623,36 @@ def _run(args, procs: Processes, tmp: Path, nginx_bin: str, vast_python: str | N
             time.monotonic() - started)
 
     if args.profile:
-        _profile(Path(args.profile), targets[1], script, max(seconds, 10.0))
+        for t in targets:
+            if t.proc is not None:
+                procs.stop(t.proc)
+        fresh = _start_shepherd(procs, tmp, "shepherd-profiled", str(REPO / "entrypoint.py"), up, args.access_log,
+                                proxy_cpus)
+        sequential(fresh.port, "/generate", 200)
+        _profile(Path(args.profile), fresh, script, 10.0)
     return 0
+
+
+def _start_shepherd(procs: Processes, tmp: Path, name: str, entry: str, upstream: int, access_log: str,
+                    cpus: set[int] | None) -> Target:
+    """shepherd in attach mode on the demo backend's routes. Its log is set aside at start, so the
+    load line is written once it listens; ready once `/ready` answers 200."""
+    port = free_port()
+    model_log = tmp / f"{name}-model.log"
+    log = tmp / f"{name}.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("REPORT_ADDR", "CONTAINER_ID", "MODEL_CMD")}
+    env["ACCESS_LOG"] = access_log
+    proc = procs.start(
+        [sys.executable, entry, "--backend", "demo", "--unsecured",
+         "--model-server-url", f"http://127.0.0.1:{upstream}", "--model-log", str(model_log),
+         "--host", "127.0.0.1", "--port", str(port), "--skip-benchmark", "--max-perf", "1000000"],
+        log, cpus, cwd=Path(entry).resolve().parent, env=env,
+    )
+    wait_until(lambda: http_status(port, "GET", "/health") == 200, name, 30, proc, log)
+    with open(model_log, "a") as f:
+        f.write(LOAD_LINE + "\n")
+    wait_until(lambda: http_status(port, "GET", "/ready") == 200, f"{name} ready", 30, proc, log)
+    return Target(name, port, proc)
 
 
 def _vast_version(python: str) -> str:
@@ -683,20 +710,22 @@ def _report(args, targets, samples, rounds, seconds, nseq, proxy_cpus, load_cpus
     for row in rows:
         print(line(row))
     print()
-    sh, va = summary.get("shepherd"), summary.get("vast")
-    if sh and va:
-        print("shepherd / Vast (>= 1.0: shepherd at least as good):")
-        print(f"  req/s @8:   {sh['rps8'] / va['rps8']:.2f}    req/s @64: {sh['rps64'] / va['rps64']:.2f}")
-        print(f"  CPU per request (Vast / shepherd): {va['cpu'] / sh['cpu']:.2f}  "
-              f"(@8 {va['cpu8'] / sh['cpu8']:.2f}, @64 {va['cpu64'] / sh['cpu64']:.2f})")
-        print(f"  added p50 (Vast / shepherd): {va['p50'] / sh['p50']:.2f}    "
-              f"SSE wall (Vast / shepherd): {va['wall'] / sh['wall']:.2f}")
-    if sh:
+    va = summary.get("vast")
+    for name in (t.name for t in targets if t.name.startswith("shepherd")):
+        sh = summary[name]
+        if va:
+            print(f"{name} / Vast (>= 1.0: {name} at least as good):")
+            print(f"  req/s @8: {sh['rps8'] / va['rps8']:.2f}    req/s @64: {sh['rps64'] / va['rps64']:.2f}    "
+                  f"CPU per request (Vast / {name}): {va['cpu'] / sh['cpu']:.2f} "
+                  f"(@8 {va['cpu8'] / sh['cpu8']:.2f}, @64 {va['cpu64'] / sh['cpu64']:.2f})")
+            print(f"  added p50 (Vast / {name}): {va['p50'] / sh['p50']:.2f}    "
+                  f"SSE wall (Vast / {name}): {va['wall'] / sh['wall']:.2f}")
         checks = [("added p50 <= 1 ms", sh["p50"] <= 1.0), ("SSE wall <= 1.05x direct", sh["wall"] <= 1.05)]
         if va:
-            checks += [("req/s @8 >= Vast", sh["rps8"] >= va["rps8"]), ("req/s @64 >= Vast", sh["rps64"] >= va["rps64"]),
+            checks += [("req/s @8 >= Vast", sh["rps8"] >= va["rps8"]),
+                       ("req/s @64 >= Vast", sh["rps64"] >= va["rps64"]),
                        ("CPU/req <= Vast", sh["cpu"] <= va["cpu"])]
-        print("targets: " + ", ".join(f"{name}: {'PASS' if ok else 'FAIL'}" for name, ok in checks))
+        print(f"{name} targets: " + ", ".join(f"{what}: {'PASS' if ok else 'FAIL'}" for what, ok in checks))
     print(json.dumps({"summary": summary}, default=lambda v: None), file=sys.stderr)
 
 
@@ -720,7 +749,9 @@ def _profile(out: Path, target: Target, script: Path, seconds: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for conns in (8, 64):
         raw = out / f"shepherd-c{conns}.collapsed"
-        rec = subprocess.Popen([spy, "record", "--pid", str(target.proc.pid), "--rate", "250", "--nonblocking",
+        # Blocking sampling (py-spy pauses the process for each sample): slower under load, but whole
+        # stacks; --nonblocking gives torn coroutine stacks under this much churn.
+        rec = subprocess.Popen([spy, "record", "--pid", str(target.proc.pid), "--rate", "200",
                                 "--duration", str(int(seconds)), "--format", "raw", "-o", str(raw)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
@@ -734,11 +765,13 @@ def _profile(out: Path, target: Target, script: Path, seconds: float) -> None:
             stack, _, count = text.rpartition(" ")
             n = int(count)
             frames = stack.split(";")
+            if "WorkerThread._work" in frames[-1] or frames[-1].startswith(("Condition.wait", "Lock.acquire")):
+                continue  # trio's idle worker thread (the log follower's): py-spy counts its wait as busy
             samples += n
             own[frames[-1]] += n
             groups[_group(frames[-1])] += n
-            for frame in set(frames):
-                total[frame] += n
+            for func in {f.rpartition(":")[0] + ")" for f in frames}:  # per function, lines merged
+                total[func] += n
         samples = max(samples, 1)
         print(f"\nprofile @{conns} connections ({res.rps:,.0f} req/s while sampled): {samples} samples of "
               f"shepherd (pid {target.proc.pid}); collapsed stacks in {raw} (flamegraph.pl / speedscope)")
@@ -747,7 +780,7 @@ def _profile(out: Path, target: Target, script: Path, seconds: float) -> None:
         print("  top own:")
         for frame, n in own.most_common(20):
             print(f"    {100 * n / samples:5.1f}%  {frame}")
-        print("  top total (shepherd, hypercorn, httpcore, h11, structlog frames):")
+        print("  top total, per function (shepherd, hypercorn, httpcore, h11, structlog):")
         shown = 0
         for frame, n in total.most_common(400):
             if any(k in frame for k in ("proxy/", "hypercorn/", "httpcore/", "h11/", "structlog/", "supervisor/")):

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
+import backends.demo as DEMO_MODULE
 from backends.demo import SPEC as DEMO
 from backends.registry import BACKENDS
 from supervisor.config import SETTINGS, VAST_REPORT_ADDR, ConfigError, build_parser, load_config
@@ -311,7 +313,8 @@ def test_model_cmd_flag_wins_over_variable() -> None:
 
 def test_demo_default_command_filled_from_model_server_url() -> None:
     config = load([], BACKEND="demo", MODEL_SERVER_URL="http://127.0.0.2:6001")
-    assert config.command == (sys.executable, "-m", "backends.demo_server", "--host", "127.0.0.2", "--port", "6001")
+    demo_server = str(Path(DEMO_MODULE.__file__).with_name("demo_server.py"))
+    assert config.command == (sys.executable, demo_server, "--host", "127.0.0.2", "--port", "6001")
     assert "{host}" not in " ".join(config.command) and "{port}" not in " ".join(config.command)
     assert config.attach is False
 

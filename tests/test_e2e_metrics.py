@@ -75,8 +75,8 @@ def test_status_carries_the_same_estimate_and_probes(shepherd: Shepherd) -> None
     assert set(status) >= {"estimate", "gpu", "host", "requests", "max_perf"}
     assert status["gpu"]["available"] is False and "no GPU" in status["gpu"]["reason"]
     assert status["host"]["memory_total"] > 0 and status["host"]["model_tree"]["pids"] >= 1
+    # once the last request has left the estimate (next probe tick), both views say idle
+    wait_until(lambda: shepherd.status()["estimate"]["utilisation"] == 0.0, what="idle estimate in /status")
     families = scrape(shepherd)
-    # idle: both views agree there is no load
-    assert status["estimate"]["utilisation"] == 0.0
     assert value(families["shepherd_estimate_utilisation"], "shepherd_estimate_utilisation") == 0.0
     assert value(families["shepherd_workload_running"], "shepherd_workload_running") == 0.0
