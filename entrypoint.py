@@ -21,7 +21,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"shepherd: configuration error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
-    configure_logging(config.log_format, config.log_level, Redactor.from_environ(os.environ))
+    redactor = Redactor.from_environ(os.environ)
+    if config.master_token:
+        redactor.add(config.master_token)  # also when given as a flag rather than a variable
+    configure_logging(config.log_format, config.log_level, redactor)
     return trio.run(run, config)
 
 

@@ -130,6 +130,7 @@ class ResponseParser:
         self.mode = ""  # "length", "chunked", "close"
         self.left = 0  # bytes left in the body (length) or in the current chunk (chunked)
         self.need_crlf = False
+        self.close = False  # the server said `Connection: close`
 
     def feed(self, data: bytes) -> bytes:
         self.buf += data
@@ -145,6 +146,7 @@ class ResponseParser:
                 name, _, value = line.partition(b":")
                 headers[name.strip().lower()] = value.strip().lower()
             self.head_done = True
+            self.close = b"close" in headers.get(b"connection", b"")
             if b"chunked" in headers.get(b"transfer-encoding", b""):
                 self.mode = "chunked"
             elif b"content-length" in headers:
@@ -260,13 +262,17 @@ def serve_sse(port: int, events: int, interval: float) -> None:
 
 
 def sequential(port: int, path: str, n: int) -> list[float]:
-    """`n` requests one after the other on one keep-alive connection; seconds each."""
+    """`n` requests one after the other on a keep-alive connection; seconds each. A server that
+    closes the connection after a response (`Connection: close`, e.g. hypercorn's
+    keep_alive_max_requests) gets a new one, outside the timing."""
     req = request_bytes(path, port, BODY)
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     out = []
+    sock = None
     try:
         for _ in range(n):
+            if sock is None:
+                sock = socket.create_connection(("127.0.0.1", port))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             parser = ResponseParser()
             t0 = time.perf_counter()
             sock.sendall(req)
@@ -278,8 +284,12 @@ def sequential(port: int, path: str, n: int) -> list[float]:
             out.append(time.perf_counter() - t0)
             if parser.status != 200:
                 raise RuntimeError(f"port {port}: status {parser.status}")
+            if parser.close:
+                sock.close()
+                sock = None
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
     return out
 
 

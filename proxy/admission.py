@@ -140,6 +140,19 @@ class Admission:
         finally:
             fifo.release()
 
+    async def wait_comeback(self, route: Route, down_within: float = 1.0) -> bool:
+        """The model server refused a connection although it was `ready`: it has probably just died
+        and the supervisor is about to notice. True once it went down and came back ready within the
+        route's `max_queue_time` (the request is then retried: a short restart loses nothing); False
+        when it never went down (the refusal is real) or did not come back in time."""
+        with trio.move_on_after(down_within):
+            while self._is_ready() and not self.draining:
+                await self._ready_changed()
+        if self._is_ready() or self.draining:
+            return False
+        await self._wait_ready(trio.current_time() + route.max_queue_time)
+        return self._is_ready() and not self.draining
+
     async def _wait_ready(self, deadline: float) -> None:
         with trio.move_on_at(deadline):
             while not self._is_ready() and not self.draining:

@@ -38,10 +38,11 @@ class ForwardLimits:
 
 
 class UpstreamError(Exception):
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, refused: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.refused = refused  # no connection was made: the request never reached the model server
 
 
 @dataclass
@@ -118,5 +119,6 @@ class Forwarder:
             return ForwardResult(504, sent, False)
         except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol) as exc:
             if not started:
-                raise UpstreamError(502, f"model server unreachable ({type(exc).__name__}: {exc})") from None
+                raise UpstreamError(502, f"model server unreachable ({type(exc).__name__}: {exc})",
+                                    refused=isinstance(exc, httpcore.ConnectError)) from None
             return ForwardResult(502, sent, False)

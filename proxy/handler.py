@@ -200,12 +200,19 @@ class RequestHandler:
                     nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
+            query, headers = upstream_credentials_removed(scope) if self.verifier is not None else (
+                scope.get("query_string", b""), list(scope["headers"]))
             try:
-                query, headers = upstream_credentials_removed(scope) if self.verifier is not None else (
-                    scope.get("query_string", b""), list(scope["headers"]))
-                result = await self.forwarder.forward(
-                    scope["method"], route.target, query, headers, payload, route.timeout, relay,
-                )
+                try:
+                    result = await self.forwarder.forward(
+                        scope["method"], route.target, query, headers, payload, route.timeout, relay,
+                    )
+                except UpstreamError as exc:
+                    if not (exc.refused and await self.admission.wait_comeback(route)):
+                        raise
+                    result = await self.forwarder.forward(
+                        scope["method"], route.target, query, headers, payload, route.timeout, relay,
+                    )
             except UpstreamError as exc:
                 # Raised out of the nursery it would arrive wrapped in an ExceptionGroup (trio's
                 # strict groups) and miss the caller's `except UpstreamError`: a 502/504 became 500.

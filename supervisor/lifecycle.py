@@ -189,10 +189,18 @@ class Lifecycle:
         try:
             async with trio.open_nursery() as io:
                 assert process.stdout is not None and process.stderr is not None
-                io.start_soon(pump, process.stdout, "stdout", model, self.on_line)
-                io.start_soon(pump, process.stderr, "stderr", model, self.on_line)
+                pipes_closed = trio.Semaphore(0)
+
+                async def read(stream: trio.abc.ReceiveStream, name: str) -> None:
+                    try:
+                        await pump(stream, name, model, self.on_line)
+                    finally:
+                        pipes_closed.release()
+
+                io.start_soon(read, process.stdout, "stdout")
+                io.start_soon(read, process.stderr, "stderr")
                 async with trio.open_nursery() as watch:
-                    watch.start_soon(self._wait_exit, model, run)
+                    watch.start_soon(self._wait_exit, model, run, pipes_closed)
                     watch.start_soon(track, model)
                     watch.start_soon(self._readiness, run, True)
                     outcome = await run.receive.receive()
@@ -208,8 +216,13 @@ class Lifecycle:
         )
         return outcome
 
-    async def _wait_exit(self, model: ModelProcess, run: Run) -> None:
+    async def _wait_exit(self, model: ModelProcess, run: Run, pipes_closed: trio.Semaphore) -> None:
         code = await model.process.wait()
+        # Its last lines (often the reason it died: TGI's `Error: ShardCannotStart`) may still be in
+        # the pipes; read them first so a fatal line is not lost to a plain "exited".
+        with trio.move_on_after(PIPE_DRAIN_TIMEOUT):
+            for _ in range(2):
+                await pipes_closed.acquire()
         run.end(Outcome("exited", f"model server exited with code {code}"))
 
     # -- attach mode

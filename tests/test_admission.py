@@ -265,3 +265,41 @@ async def test_draining_wakes_requests_waiting_for_ready(clock: trio.testing.Moc
         world.admission.set_draining()
     assert [(r.status, r.reason) for r in outcome] == [(503, "draining")]
     assert trio.current_time() - start == pytest.approx(2.0)
+
+
+# -- a refused connection while `ready`: wait for the restart the supervisor is about to notice
+
+
+async def test_comeback_after_a_crash_is_awaited(clock: trio.testing.MockClock) -> None:
+    world = World(ready=True)
+    result: list[bool] = []
+
+    async def request() -> None:
+        result.append(await world.admission.wait_comeback(PARALLEL))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request)
+        await trio.sleep(0.005)  # the supervisor notices the exit
+        world.readiness.set(False)
+        await trio.sleep(5.0)  # restart and reload
+        assert result == []
+        world.readiness.set(True)
+    assert result == [True]
+    assert trio.current_time() == pytest.approx(5.005)
+
+
+async def test_no_comeback_when_the_server_never_went_down(clock: trio.testing.MockClock) -> None:
+    world = World(ready=True)
+    assert await world.admission.wait_comeback(PARALLEL, down_within=1.0) is False
+    assert trio.current_time() == pytest.approx(1.0)
+
+
+async def test_no_comeback_past_the_queue_time(clock: trio.testing.MockClock) -> None:
+    world = World(ready=True)
+    async with trio.open_nursery() as nursery:
+        async def crash() -> None:
+            world.readiness.set(False)
+
+        nursery.start_soon(crash)
+        assert await world.admission.wait_comeback(PARALLEL) is False  # never back within 30 s
+    assert trio.current_time() == pytest.approx(PARALLEL.max_queue_time)

@@ -443,15 +443,14 @@ def test_kill_9_breaks_the_request_in_flight_with_502_and_one_sent_during_the_re
     thread.join(10)
     assert not thread.is_alive() and broken[0].status_code == 502
     assert broken[0].json()["error"].startswith("model server unreachable")
-    # A request arriving once shepherd knows the server is gone waits for the restart, then succeeds.
-    # (Sent before shepherd has seen the exit, a few ms, it would go to the dead port and get 502.)
-    s.wait_state("restarting", start=mark)
+    # A request sent right after the crash, before or after shepherd has noticed it, finds the port
+    # refused, waits for the restart and then succeeds.
     response = s.http.post("/generate", json=PAYLOAD)
     assert response.status_code == 200, response.text
     new = s.model_pid()
     assert new != old and response.json()["pid"] == new and response.json()["generated_text"] == ANSWER
     served = access(s, mark, route="/generate", status=200)
-    assert len(served) == 1 and served[0]["queue_ms"] >= 100  # it waited for the new server to load
+    assert len(served) == 1 and served[0]["ms"] >= 100  # it waited for the new server to load
     assert s.find("proxy.internal_error") == []
     wait_idle(s)
 
@@ -612,14 +611,9 @@ def test_tgi_shard_cannot_start_gives_up_with_exit_1(shepherds: list[Shepherd]) 
     assert states[-1] == "failed"
     assert "Error: ShardCannotStart" in s.find("state")[-1]["reason"]
     assert s.find("shepherd.exit")[0]["exit_code"] == 1
-    assert len(s.find("model.started")) <= 2  # no restart loop (MAX_FAILURES would allow 5 starts)
-    if "restarting" in states:
-        # Known race in supervisor/lifecycle.py: `_wait_exit` ends the run as "exited" as soon as the
-        # process is gone, before the pumps have read its last lines; TGI prints `Error: ...` on
-        # stderr right before exiting, so the fatal line often loses and one restart happens.
-        first = next(e for e in s.find("model.stopped"))
-        assert first["outcome"] == "exited"
-        pytest.xfail("fatal line printed just before exit lost to the exit (lifecycle race): one restart")
+    # the fatal line printed just before the exit wins over the exit itself: no restart at all
+    assert "restarting" not in states
+    assert len(s.find("model.started")) == 1
 
 
 # -- 8: 504 at the forwarder and the handler (no setting shortens the route timeout end to end)
