@@ -20,7 +20,7 @@ By default the proxies are pinned to the last CPU and everything else (nginx, th
 and this script's clients) to the other CPUs, so a proxy has one core to itself, as in production
 where a single-threaded proxy can use one core at most. `--no-pin` turns that off.
 
-Run: `python bench/proxy.py` (about 3-4 minutes) or `python bench/proxy.py --quick` (about 1 minute).
+Run: `python bench/proxy.py` (about 2.5 minutes) or `python bench/proxy.py --quick` (about 1 minute).
 Needs `nginx` and `wrk` on PATH (`apt-get install -y nginx wrk`). Vast's worker: `vastai` importable
 by this interpreter, or `--vast-python PATH` / `VAST_PYTHON` naming another venv's python (see
 bench/README.md). `--profile DIR` also samples shepherd with py-spy under load and prints its hot
