@@ -16,9 +16,10 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -373,4 +374,22 @@ def test_port_in_use_sends_one_launch_error_and_exits_2(fake: FakeAutoscaler) ->
     assert body["id"] == 42 and body["mtoken"] == SECRET and body["url"] == f"http://127.0.0.1:{public}"
     assert body["loadtime"] == 0.0 and body["max_perf"] == 0.0
     assert fake.all(DELETE) == []
+    assert s.find("model.started") == []
+
+
+def test_missing_tls_files_send_one_launch_error_and_exit_2(fake: FakeAutoscaler, tmp_path: Path) -> None:
+    port, public = free_port(), free_port()
+    cert, key = tmp_path / "missing.crt", tmp_path / "missing.key"
+    env = reporting_env(fake.url, public, port, USE_SSL="true", SSL_CERT=str(cert), SSL_KEY=str(key))
+    s = Shepherd(["--backend", "demo"], env=env, port=port)
+    try:
+        assert s.wait_exit() == 2
+    finally:
+        s.close()
+    received = fake.all(STATUS)
+    assert len(received) == 1 and received[0].accepted, [r.body for r in received]
+    body = received[0].body
+    assert "failed to launch" in body["error_msg"] and str(cert) in body["error_msg"]
+    assert body["url"] == f"https://127.0.0.1:{public}"  # USE_SSL: the reported url is https
+    assert body["id"] == 42 and body["mtoken"] == SECRET
     assert s.find("model.started") == []
