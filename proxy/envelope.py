@@ -28,13 +28,12 @@ Decisions, all deliberate:
 
 from __future__ import annotations
 
-import json
-
-import orjson
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
+
+import orjson
 
 from backends.spec import Route
 

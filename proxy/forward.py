@@ -1,8 +1,10 @@
-"""Forwarding one request to the model server and relaying its answer, chunk by chunk.
+"""Forwarding one request to the model server and relaying its answer.
 
-httpcore is used directly (httpx sits on it): the proxy needs a pool, timeouts and a byte stream,
-not httpx's request/response models, and skipping them is measurably cheaper per request.
-Streams (SSE, NDJSON, chunked) are never buffered: each chunk is sent to the client as it arrives.
+The upstream side is `proxy.upstream`, a small keep-alive HTTP/1.1 client made for this one hop
+(httpcore's pool and h11 cost more CPU per request than the rest of the proxy together).
+Streams (SSE, NDJSON, chunked) are never buffered: each piece is sent to the client as it arrives.
+A plain answer with a Content-Length (JSON, mostly) is read whole and relayed as one message with
+its length, which saves hypercorn a chunked encoding and a terminator write per response.
 
 Error mapping, before the answer has started: refused / reset / bad protocol -> 502, timeout -> 504.
 Once the answer has started its status is out, so a failure mid-stream ends the stream early.
@@ -10,11 +12,24 @@ Once the answer has started its status is out, so a failure mid-stream ends the 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+import ssl
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpcore
+from proxy.upstream import (
+    ConnectRefused,
+    ConnectTimeout,
+    Http11Client,
+    PoolTimeout,
+    ReadTimeout,
+    UpstreamFailure,
+    WriteTimeout,
+    is_token,
+    request_head,
+    safe_target,
+)
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
@@ -24,6 +39,10 @@ HOP_BY_HOP = frozenset({
     b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"remote-addr",
     b"proxy-connection", b"expect",
 })
+
+# An answer with a Content-Length up to this size, and not a stream, is relayed in one message.
+BUFFER_MAX = 8 * 1024 * 1024
+_STREAM_TYPES = (b"text/event-stream", b"ndjson", b"jsonl", b"json-seq")
 
 
 @dataclass(frozen=True)
@@ -52,30 +71,75 @@ class ForwardResult:
     complete: bool  # False: the stream broke after the answer had started
 
 
-def request_headers(headers: Iterable[tuple[bytes, bytes]], body_length: int) -> list[tuple[bytes, bytes]]:
-    out = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
-    out.append((b"content-length", str(body_length).encode()))
-    return out
+_TIMEOUTS = (ConnectTimeout, PoolTimeout, ReadTimeout, WriteTimeout)
 
 
-def response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    # content-length is kept out too: hypercorn frames the relayed body itself.
-    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+def _upstream_error(exc: UpstreamFailure) -> UpstreamError:
+    if isinstance(exc, _TIMEOUTS):
+        return UpstreamError(504, f"model server timed out ({type(exc).__name__}: {exc})")
+    return UpstreamError(502, f"model server unreachable ({type(exc).__name__}: {exc})",
+                         refused=isinstance(exc, ConnectRefused))
+
+
+def _relayed_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The answer's fields less hop-by-hop ones, and those its Connection field names (RFC 9110
+    §7.6.1). Content-Length is left out too: it is set again when the body is relayed whole."""
+    named: set[bytes] | None = None
+    for name, value in headers:
+        if name == b"connection":
+            named = (named or set()) | {t.strip().lower() for t in value.split(b",")}
+    if named is None:
+        return [(k, v) for k, v in headers if k not in HOP_BY_HOP]
+    return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
 
 
 class Forwarder:
     def __init__(self, base_url: str, limits: ForwardLimits = ForwardLimits()) -> None:
         self.base_url = base_url.rstrip("/")
         self.limits = limits
-        self._pool = httpcore.AsyncConnectionPool(
+        url = urlsplit(self.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        tls = url.scheme == "https"
+        port = url.port or (443 if tls else 80)
+        host = url.hostname
+        name = host if host.isascii() else host.encode("idna").decode("ascii")
+        host_field = f"[{name}]" if ":" in name else name
+        if url.port is not None:
+            host_field += f":{port}"
+        self._host = host_field.encode("ascii")
+        self._prefix = url.path.encode("utf-8")
+        self._targets: dict[str, bytes] = {}
+        self._methods: dict[str, bytes] = {}
+        self._client = Http11Client(
+            host, port, ssl.create_default_context() if tls else None,
             max_connections=limits.max_connections,
-            max_keepalive_connections=limits.keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            retries=0,
+            max_idle=limits.keepalive_connections,
+            idle_expiry=limits.keepalive_expiry,
+            connect_timeout=limits.connect_timeout,
+            write_timeout=limits.write_timeout,
         )
 
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        await self._client.aclose()
+
+    def _method(self, method: str) -> bytes:
+        encoded = self._methods.get(method)
+        if encoded is None:
+            encoded = method.encode("latin-1", "replace")
+            if not is_token(encoded):
+                raise UpstreamError(502, f"cannot forward the method {method!r}")
+            if len(self._methods) < 64:
+                self._methods[method] = encoded
+        return encoded
+
+    def _target(self, path: str, query: bytes) -> bytes:
+        target = self._targets.get(path)
+        if target is None:
+            target = safe_target(self._prefix + path.encode("utf-8"))
+            if len(self._targets) < 256:  # route targets: a handful
+                self._targets[path] = target
+        return target + b"?" + safe_target(query) if query else target
 
     async def forward(
         self,
@@ -87,38 +151,63 @@ class Forwarder:
         read_timeout: float | None,
         send: Send,
     ) -> ForwardResult:
-        url = self.base_url + path + ("?" + query.decode("latin-1") if query else "")
-        timeouts = {
-            "connect": self.limits.connect_timeout,
-            "read": read_timeout,
-            "write": self.limits.write_timeout,
-            "pool": self.limits.connect_timeout,
-        }
+        verb = self._method(method)
+        head = request_head(verb, self._target(path, query), self._host, headers, HOP_BY_HOP, len(body))
+        client = self._client
+        try:
+            response = await client.request(head, body, verb, read_timeout)
+        except UpstreamFailure as exc:
+            raise _upstream_error(exc) from None
+        released = False
         started = False
         sent = 0
+        status = response.status
         try:
-            async with self._pool.stream(
-                method, url, headers=request_headers(headers, len(body)), content=body,
-                extensions={"timeout": timeouts},
-            ) as response:
-                await send({
-                    "type": "http.response.start",
-                    "status": response.status,
-                    "headers": response_headers(response.headers),
-                })
+            out = _relayed_headers(response.headers)
+            length = response.content_length
+            if response.complete:  # no body (HEAD, 204, 304, Content-Length: 0)
+                released = True
+                client.release(response)
+                if length is not None:  # HEAD: the length a GET would have
+                    out.append((b"content-length", b"%d" % length))
+                await send({"type": "http.response.start", "status": status, "headers": out})
                 started = True
-                async for chunk in response.aiter_stream():
-                    if chunk:
-                        sent += len(chunk)
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return ForwardResult(response.status, sent, True)
-        except httpcore.TimeoutException as exc:
+                return ForwardResult(status, 0, True)
+            if length is not None and length <= BUFFER_MAX and not _is_stream(response.headers):
+                data = await response.read_all()
+                released = True
+                client.release(response)
+                out.append((b"content-length", b"%d" % len(data)))
+                await send({"type": "http.response.start", "status": status, "headers": out})
+                started = True
+                await send({"type": "http.response.body", "body": data, "more_body": False})
+                return ForwardResult(status, len(data), True)
+            await send({"type": "http.response.start", "status": status, "headers": out})
+            started = True
+            while True:
+                data = await response.read_some()
+                sent += len(data)
+                if response.complete:
+                    released = True
+                    client.release(response)
+                    await send({"type": "http.response.body", "body": data, "more_body": False})
+                    return ForwardResult(status, sent, True)
+                if data:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+        except UpstreamFailure as exc:
+            error = _upstream_error(exc)
             if not started:
-                raise UpstreamError(504, f"model server timed out ({type(exc).__name__})") from None
-            return ForwardResult(504, sent, False)
-        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol) as exc:
-            if not started:
-                raise UpstreamError(502, f"model server unreachable ({type(exc).__name__}: {exc})",
-                                    refused=isinstance(exc, httpcore.ConnectError)) from None
-            return ForwardResult(502, sent, False)
+                raise error from None
+            return ForwardResult(error.status, sent, False)
+        finally:
+            if not released:
+                client.release(response)  # incomplete: the connection is closed, never pooled
+
+
+def _is_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            value = value.lower()
+            return any(kind in value for kind in _STREAM_TYPES)
+    return False

@@ -368,9 +368,9 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
 
     values: dict[str, Any] = {}
     for s in SETTINGS:
-        raw, source = getattr(ns, s.name), s.flag
+        raw = getattr(ns, s.name)
         if raw is None and s.env is not None and s.env in environ:
-            raw, source = environ[s.env], s.env
+            raw = environ[s.env]
         if raw is None:
             values[s.name] = s.default
             continue

@@ -22,7 +22,6 @@ wait with `await fake.wait_for_report_async(...)`, which keeps the event loop ru
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 import threading
@@ -35,8 +34,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import trio
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from tests import signing
 
 STATUS = "/worker_status/"
 DELETE = "/delete_requests/"
@@ -57,25 +56,10 @@ class Received:
         return self.answered is not None and 200 <= self.answered < 300 and self.delayed == 0.0
 
 
-def message_for(fmt: str, auth: dict[str, Any]) -> bytes:
-    """The bytes the Vast system signs, per generation (vast-protocol.md §1.3)."""
-    if fmt == "url":
-        return json.dumps({"url": auth["url"]}, indent=4, sort_keys=True).encode()
-    if fmt == "sorted":
-        message = {k: v for k, v in auth.items() if k not in ("signature", "__request_id")}
-        return json.dumps(message, indent=4, sort_keys=True).encode()
-    if fmt == "legacy":
-        message = {k: auth.get(k) for k in ("cost", "endpoint", "reqnum", "url")}
-        return json.dumps(message, indent=4).encode()
-    raise ValueError(f"unknown format {fmt!r}")
-
-
 class FakeAutoscaler:
     def __init__(self, worker_url: str | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.public_pem: bytes = self.private_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        self.private_key = signing.new_key()
+        self.public_pem: bytes = signing.public_pem(self.private_key)
         self.worker_url = worker_url
         self.mode = "ok"
         self.slow_seconds = 30.0
@@ -164,8 +148,7 @@ class FakeAutoscaler:
     # -- signing -----------------------------------------------------------------------------------
 
     def sign(self, message: bytes) -> str:
-        signature = self.private_key.sign(message, padding.PKCS1v15(), hashes.SHA256())
-        return base64.b64encode(signature).decode()
+        return signing.sign(self.private_key, message)
 
     def sign_auth(self, url: str, fmt: str = "url", **fields: Any) -> dict[str, Any]:
         """`auth_data` as a client gets it from `/route/`, signed in `fmt` ("url", "sorted", "legacy")."""
@@ -175,7 +158,7 @@ class FakeAutoscaler:
             "url": url, "__request_id": uuid.uuid4().hex,
         }
         auth.update(fields)
-        auth["signature"] = self.sign(message_for(fmt, auth))
+        auth["signature"] = self.sign(signing.message(fmt, auth))
         return auth
 
     def _route(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -188,7 +171,7 @@ class FakeAutoscaler:
             "url": self.worker_url,
             "cost": body.get("cost", 100),
             "reqnum": next(self._reqnum),
-            "signature": self.sign(message_for("url", {"url": self.worker_url})),
+            "signature": self.sign(signing.message("url", {"url": self.worker_url})),
             "__request_id": uuid.uuid4().hex,
             "request_idx": request_idx,
         }

@@ -55,14 +55,6 @@ ANSWER = "tok0 tok1 tok2"
 REQNUMS = itertools.count(1)
 
 
-@pytest.fixture
-def shepherds() -> Iterator[list[Shepherd]]:
-    started: list[Shepherd] = []
-    yield started
-    for s in started:
-        s.close()
-
-
 def start(shepherds: list[Shepherd], *args: str, model_port: int | None = None, **env: str) -> Shepherd:
     s = Shepherd(["--backend", "demo", *args], env={**BASE, **env}, model_port=model_port)
     shepherds.append(s)

@@ -304,14 +304,6 @@ def fake() -> Iterator[FakeAutoscaler]:
     server.stop()
 
 
-@pytest.fixture
-def shepherds() -> Iterator[list[Shepherd]]:
-    started: list[Shepherd] = []
-    yield started
-    for s in started:
-        s.close()
-
-
 def dead_address() -> str:
     """An address nobody listens on (bound, then closed: the kernel refuses connections)."""
     return f"http://127.0.0.1:{free_port()}"

@@ -7,23 +7,14 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.harness import ROOT, Shepherd, alive, base_env, free_port, kill_tree, wait_until
+from tests.harness import ROOT, Shepherd, alive, base_env, free_port, kill_tree
 
 FAST = {"RESTART_DELAY": "0.05", "RESTART_MAX_DELAY": "0.2", "STOP_TIMEOUT": "5"}
-
-
-@pytest.fixture
-def shepherds() -> Iterator[list[Shepherd]]:
-    started: list[Shepherd] = []
-    yield started
-    for s in started:
-        s.close()
 
 
 def start(shepherds: list[Shepherd], *args: str, **env: str) -> Shepherd:
