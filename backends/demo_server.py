@@ -30,7 +30,9 @@ Every flag also reads an environment variable (the flag wins):
 
 Boolean variables accept 1/true/yes/on and 0/false/no/off. A malformed value exits 2 (argparse).
 
-Run it as `python -m backends.demo_server` from the repository root or `python backends/demo_server.py`.
+Run it as `python -m backends.demo_server` from the repository root or `python backends/demo_server.py`
+from anywhere. Its HTTP/1.1 plumbing (body reading, chunked writes, disconnect watching, signal-safe
+threads) lives in the sibling `backends/model_http.py`, shared with the TGI emulator of the tests.
 """
 
 from __future__ import annotations
@@ -38,81 +40,42 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import signal
-import socket
-import socketserver
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+if __package__:  # python -m backends.demo_server, or imported as backends.demo_server
+    from . import model_http
+else:
+    # Run by path, as shepherd runs it (`python /abs/path/backends/demo_server.py`) from any working
+    # directory and without the repository on sys.path. Put this file's parent folder first so that
+    # `backends` is this very copy's package, never another checkout's (PYTHONPATH, an install), and
+    # so that it works under PYTHONSAFEPATH too, where the script's own folder is not on sys.path.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from backends import model_http
 
 READY_MARKER = "model loaded, serving on"
 DEFAULT_MAX_NEW_TOKENS = 16
-MAX_BODY_BYTES = 16 * 1024 * 1024
-# How often a waiting generation looks at its socket for a client that left: short enough that a
-# disconnect is noticed promptly, long enough not to spin.
-DISCONNECT_POLL_S = 0.05
 INVALID_UTF8_BYTES = b"bad bytes: \xff\xfe\xfa end\n"
 GRANDCHILD_CODE = "import time; [time.sleep(1) for _ in iter(int, 1)]"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
-# print() writes the text and the newline as two writes, so lines from request threads could
-# interleave; one lock and one write per line keeps every line whole for the supervisor's reader.
-_out_lock = threading.Lock()
-
-
-def emit(line: str, *, err: bool = False) -> None:
-    """Write one whole line and flush at once: a supervisor reads our pipe line by line."""
-    stream = sys.stderr if err else sys.stdout
-    with _out_lock:
-        stream.write(line + "\n")
-        stream.flush()
+emit = model_http.emit
+RequestError = model_http.RequestError
 
 
 def emit_raw(data: bytes) -> None:
     """Write raw bytes (possibly invalid UTF-8) to stdout, keeping order with the text lines."""
-    with _out_lock:
+    with model_http.output_lock:
         sys.stdout.flush()
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
-
-
-def _exit_now(message: str, code: int) -> None:
-    """Say why and leave at once.
-
-    os.write bypasses the buffered stdout (a signal may land while another write holds it), and
-    os._exit skips joining request threads and closing keep-alive sockets, which could hang.
-    """
-    try:
-        os.write(1, (message + "\n").encode())
-    except OSError:
-        pass  # the reader is gone; exiting matters more than the goodbye line
-    os._exit(code)
-
-
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-
-
-def start_daemon(thread: threading.Thread) -> None:
-    """Start a daemon thread that never receives SIGTERM/SIGINT.
-
-    The kernel may hand a process signal to any thread that does not block it. Python then only
-    flags it for the main thread, which, asleep in a syscall, would not run the handler for an hour.
-    A new thread inherits the signal mask of its creator (request threads inherit the serve
-    thread's), so blocking the stop signals around start() keeps them all off every worker thread.
-    """
-    thread.daemon = True
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        thread.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class Stats:
@@ -149,22 +112,8 @@ class Stats:
             }
 
 
-class RequestError(Exception):
-    """A request we answer with an error status and a JSON body."""
-
-    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.close = close
-
-
-class DemoServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with the settings a proxied model server needs."""
-
-    daemon_threads = True  # request threads never delay exit
-    # The default backlog of 5 drops SYNs under a burst of concurrent clients (1 s retransmits).
-    request_queue_size = 128
+class DemoServer(model_http.ModelHTTPServer):
+    """The HTTP server with the demo's settings and counters."""
 
     def __init__(
         self,
@@ -173,35 +122,18 @@ class DemoServer(ThreadingHTTPServer):
         token_interval: float,
         health_fail_after: float | None,
     ) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
         self.token_interval = token_interval
         self.health_fail_after = health_fail_after
         self.ready_at = time.monotonic()
         self.stats = Stats()
         super().__init__(address, DemoHandler)
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind calls socket.getfqdn(), a reverse DNS lookup that can take seconds
-        # in a container without DNS; the name is never used, so skip it.
-        socketserver.TCPServer.server_bind(self)  # bind only, no name lookup
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
 
+class DemoHandler(model_http.ModelHandler):
+    """One HTTP/1.1 keep-alive connection; we print our own short line to stdout per request."""
 
-class DemoHandler(BaseHTTPRequestHandler):
-    """One HTTP/1.1 keep-alive connection; every response carries its length or is chunked."""
-
-    protocol_version = "HTTP/1.1"
     server_version = "demo-model-server/1.0"
-    # Small SSE chunks must leave at once, not wait for the previous segment's ACK (Nagle plus the
-    # peer's delayed ACK adds ~40 ms per token).
-    disable_nagle_algorithm = True
     server: DemoServer
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
-        """Silence the default stderr access log; we print our own short line to stdout."""
 
     # -- routing -----------------------------------------------------------------------------
 
@@ -211,12 +143,12 @@ class DemoHandler(BaseHTTPRequestHandler):
             fail_after = self.server.health_fail_after
             unhealthy = fail_after is not None and time.monotonic() - self.server.ready_at >= fail_after
             status = 503 if unhealthy else 200
-            self._send_json(status, {"status": "unhealthy" if unhealthy else "ok"})
+            self.send_json(status, {"status": "unhealthy" if unhealthy else "ok"})
         elif path == "/stats":
-            self._send_json(200, self.server.stats.snapshot())
+            self.send_json(200, self.server.stats.snapshot())
         else:
-            self._send_json(404, {"error": f"no route GET {path}"})
-        emit(f"demo: GET {path} {self._status}")
+            self.send_json(404, {"error": f"no route GET {path}"})
+        emit(f"demo: GET {path} {self.status_sent}")
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -225,15 +157,15 @@ class DemoHandler(BaseHTTPRequestHandler):
             "/generate_stream": self._generate_stream,
         }
         try:
-            body = self._read_body()
+            body = self.read_body()
             handler = handlers.get(path)
             if handler is None:
                 raise RequestError(404, f"no route POST {path}")
-            handler(self._parse_payload(body))
+            handler(self.parse_json_object(body))
         except RequestError as exc:
             if exc.close:
                 self.close_connection = True
-            self._send_json(exc.status, {"error": exc.message, "error_type": "validation"})
+            self.send_json(exc.status, {"error": exc.message, "error_type": "validation"})
             emit(f"demo: POST {path} {exc.status} {exc.message}")
 
     # -- generation --------------------------------------------------------------------------
@@ -243,9 +175,9 @@ class DemoHandler(BaseHTTPRequestHandler):
         stats = self.server.stats
         stats.started()
         done = 0
-        gone = self._wait(sleep_s)
+        gone = self.sleep_unless_gone(sleep_s)
         while not gone and done < n:
-            gone = self._wait(self.server.token_interval)
+            gone = self.sleep_unless_gone(self.server.token_interval)
             if not gone:
                 done += 1
         if gone:
@@ -253,7 +185,7 @@ class DemoHandler(BaseHTTPRequestHandler):
             return
         stats.finished(disconnected=False)
         text = " ".join(f"tok{i}" for i in range(n))
-        self._send_json(200, {"generated_text": text, "tokens": n, "pid": os.getpid()})
+        self.send_json(200, {"generated_text": text, "tokens": n, "pid": os.getpid()})
         emit(f"demo: POST /generate 200 tokens={n}")
 
     def _generate_stream(self, payload: dict[str, Any]) -> None:
@@ -262,23 +194,18 @@ class DemoHandler(BaseHTTPRequestHandler):
         stats.started()
         sent = 0
         try:
-            if self._wait(sleep_s):
+            if self.sleep_unless_gone(sleep_s):
                 raise ConnectionResetError("client left before the first token")
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
+            self.start_event_stream()
             for i in range(n):
-                if self._wait(self.server.token_interval):
+                if self.sleep_unless_gone(self.server.token_interval):
                     raise ConnectionResetError("client left")
                 event = {"token": {"id": i, "text": f"tok{i}"}, "index": i}
-                self._write_chunk(f"data: {json.dumps(event)}\n\n".encode())
+                self.write_chunk(f"data: {json.dumps(event)}\n\n".encode())
                 sent += 1
-            self._write_chunk(b"data: [DONE]\n\n")
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError):
+            self.write_chunk(b"data: [DONE]\n\n")
+            self.end_chunks()
+        except model_http.CLIENT_GONE:
             self._client_left(sent)
             return
         stats.finished(disconnected=False)
@@ -289,93 +216,6 @@ class DemoHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.server.stats.finished(disconnected=True)
         emit(f"demo: client disconnected after {tokens} tokens")
-
-    def _wait(self, seconds: float) -> bool:
-        """Sleep `seconds` while watching the socket; True as soon as the client has gone away.
-
-        A readable socket that peeks as b"" is a closed peer. A readable socket with data (a
-        pipelined next request) is not, so that case falls back to plain sleeping.
-        """
-        deadline = time.monotonic() + seconds
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            step = min(remaining, DISCONNECT_POLL_S)
-            try:
-                readable, _, _ = select.select([self.connection], [], [], step)
-                if readable:
-                    if self.connection.recv(1, socket.MSG_PEEK) == b"":
-                        return True
-                    time.sleep(step)
-            except (OSError, ValueError):
-                return True
-
-    # -- HTTP plumbing -----------------------------------------------------------------------
-
-    def _read_body(self) -> bytes:
-        """Read a Content-Length or chunked request body (a streaming proxy may send either)."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self._read_chunked_body()
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            return b""
-        try:
-            length = int(raw)
-        except ValueError:
-            raise RequestError(400, f"bad Content-Length {raw!r}", close=True) from None
-        if length < 0:
-            raise RequestError(400, f"bad Content-Length {raw!r}", close=True)
-        if length > MAX_BODY_BYTES:
-            raise RequestError(413, f"body over {MAX_BODY_BYTES} bytes", close=True)
-        return self.rfile.read(length)
-
-    def _read_chunked_body(self) -> bytes:
-        parts: list[bytes] = []
-        total = 0
-        while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise RequestError(400, "bad chunk size", close=True) from None
-            if size == 0:
-                # Skip trailers up to the blank line that ends the body.
-                while self.rfile.readline(65536) not in (b"\r\n", b"\n", b""):
-                    pass
-                return b"".join(parts)
-            total += size
-            if total > MAX_BODY_BYTES:
-                raise RequestError(413, f"body over {MAX_BODY_BYTES} bytes", close=True)
-            parts.append(self.rfile.read(size))
-            self.rfile.readline(16)  # the CRLF after the chunk data
-
-    def _parse_payload(self, body: bytes) -> dict[str, Any]:
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RequestError(400, f"invalid JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise RequestError(400, "body must be a JSON object")
-        return payload
-
-    def _write_chunk(self, data: bytes) -> None:
-        # One write per chunk (size line, data, CRLF) so each event leaves in its own segment.
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-    def _send_json(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self._status = status
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-
-    _status: int = 0
 
 
 def _parameters(payload: dict[str, Any]) -> tuple[int, float]:
@@ -467,11 +307,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _on_stop_signal(signum: int, _frame: object) -> None:
     name = signal.Signals(signum).name
-    _exit_now(f"demo: received {name}, shutting down", 0)
+    model_http.exit_now(f"demo: received {name}, shutting down", 0)
 
 
 def _crash(after: float) -> None:
-    with _out_lock:
+    with model_http.output_lock:
         sys.stdout.flush()
         sys.stderr.write(f"demo: crashing on purpose after {after:g} s\n")
         sys.stderr.flush()
@@ -500,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         signal.signal(signal.SIGTERM, _on_stop_signal)
     if args.crash_after is not None:
-        start_daemon(threading.Timer(args.crash_after, _crash, args=(args.crash_after,)))
+        model_http.start_daemon(threading.Timer(args.crash_after, _crash, args=(args.crash_after,)))
 
     emit(f"demo: starting (pid={os.getpid()})")
     if args.ignore_sigterm:
@@ -519,8 +359,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.hang:
         # A load that never finishes: no ready line, no port. Signals still stop us.
-        while True:
-            time.sleep(3600)
+        model_http.idle_forever()
 
     # Bind before the ready line, so a supervisor that sees the line can connect at once.
     try:
@@ -534,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         emit(f"demo: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", err=True)
         os._exit(1)
     server.ready_at = time.monotonic()
-    start_daemon(threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="serve"))
+    model_http.serve_in_background(server)
     emit(f"demo: {READY_MARKER} {_url(args.host, server.server_port)}")
 
     if args.error_line:
@@ -545,8 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         emit(f"flood done {args.flood}")
 
     # The main thread only waits: SIGTERM/SIGINT handlers run here and exit the process.
-    while True:
-        time.sleep(3600)
+    model_http.idle_forever()
 
 
 if __name__ == "__main__":

@@ -130,10 +130,7 @@ class RequestHandler:
         workload = workload_of(route, envelope)
         request_idx = auth.request_idx if auth else None
         reqnum = auth.reqnum if auth else None
-        if self.verifier is not None:
-            if auth is None:
-                await send_json(send, 401, {"auth_data": "missing parameter"})
-                return self._log(route, 401, arrived)
+        if self.verifier is not None and auth is not None:  # secured: parse_envelope required auth_data
             verdict = await self.verifier.verify(auth)
             if not verdict.ok:
                 self.ledger.refuse(route=route.path, workload=workload, now=time.time(), http_status=401,

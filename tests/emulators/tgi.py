@@ -35,6 +35,9 @@ input -> 422 `{"error": ..., "error_type": "validation"}`; malformed JSON -> 400
 
 SIGTERM/SIGINT: the launcher's shutdown lines (`Terminating webserver`, `Waiting for webserver to
 gracefully shutdown`, `webserver terminated`, `Shutting down shards`, `Terminating shard`, ...), exit 0.
+
+Its HTTP/1.1 plumbing (body reading, chunked writes, disconnect watching, signal-safe threads) is the
+demo server's, from `backends/model_http.py` (standard library only, like this file).
 """
 
 from __future__ import annotations
@@ -42,16 +45,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import signal
-import socket
-import socketserver
 import sys
 import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NoReturn
+
+if not __package__:
+    # Run by path (`python tests/emulators/tgi.py`): sys.path[0] is tests/emulators, so put this
+    # checkout's root first, so that `backends` is this copy's package and not another checkout's.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from backends import model_http  # noqa: E402 (after the sys.path fix above)
 
 LAUNCHER = "text_generation_launcher"
 ROUTER = "text_generation_router"
@@ -59,11 +64,9 @@ FAILURES = ("DownloadError", "ShardCannotStart", "WebserverFailed")
 DEFAULT_MAX_NEW_TOKENS = 20
 MAX_TOTAL_TOKENS = 4096
 MAX_BATCH_TOTAL_TOKENS = 16000
-MAX_BODY_BYTES = 16 * 1024 * 1024
 # axum's prefix for a body that parses as JSON but not as the request type.
 DESERIALIZE = "Failed to deserialize the JSON body into the target type"
 VERSION = "2.0.4"
-DISCONNECT_POLL_S = 0.05
 WAITING_LOG_EVERY_S = 10.0
 SHARD_SPAN: dict[str, Any] = {"rank": 0, "name": "shard-manager"}
 DOWNLOAD_SPAN: dict[str, Any] = {"name": "download"}
@@ -90,14 +93,10 @@ class Log:
 
     def __init__(self, json_output: bool) -> None:
         self.json_output = json_output
-        # One write per line under a lock: request threads and the main thread share stdout, and a
-        # supervisor reads it line by line.
-        self.lock = threading.Lock()
 
     def write(self, line: str) -> None:
-        with self.lock:
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+        # One whole line per write: request threads and the main thread share stdout.
+        model_http.emit(line)
 
     def launcher(self, level: str, message: str, span: dict[str, Any] | None = None) -> None:
         self.write(self.launcher_line(level, message, span))
@@ -218,63 +217,53 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-class ValidationError(Exception):
-    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.close = close
+ValidationError = model_http.RequestError
 
 
-class TgiServer(ThreadingHTTPServer):
-    daemon_threads = True  # request threads never delay exit
-    request_queue_size = 128  # the default 5 drops SYNs under a burst of clients
-
+class TgiServer(model_http.ModelHTTPServer):
     def __init__(self, address: tuple[str, int], *, model_id: str, token_interval: float, log: Log) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
         self.model_id = model_id
         self.token_interval = token_interval
         self.log = log
         self.metrics = Metrics()
         super().__init__(address, TgiHandler)
 
-    def server_bind(self) -> None:
-        # Skip HTTPServer's socket.getfqdn(): a reverse DNS lookup that can stall in a container.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
 
+class TgiHandler(model_http.ModelHandler):
+    """TGI's routes on a keep-alive connection (like hyper); TGI has no access log either."""
 
-class TgiHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, like hyper
     server_version = "text-generation-router"
-    disable_nagle_algorithm = True  # each SSE chunk leaves at once
     server: TgiServer
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
-        """TGI has no access log; silence BaseHTTPRequestHandler's stderr lines."""
+    json_separators = (",", ":")  # serde_json's compact JSON
+    # axum's wording: every body over the limit (or of negative length) is "length limit exceeded".
+    request_errors = {
+        **model_http.ModelHandler.request_errors,
+        "negative_length": (413, "length limit exceeded"),
+        "too_large": (413, "length limit exceeded"),
+        "bad_chunk": (400, "Failed to buffer the request body"),
+        "invalid_json": (400, "Failed to parse the request body as JSON: {error}"),
+        "not_object": (422, f"{DESERIALIZE}: expected a map"),
+    }
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/health":
-            self._send(200, b"", "application/json")
+            self.send_body(200, b"", "application/json")
         elif path == "/info":
-            self._send_json(200, self._info())
+            self.send_json(200, self._info())
         elif path == "/metrics":
-            self._send(200, self.server.metrics.render().encode(), "text/plain; charset=utf-8")
+            self.send_body(200, self.server.metrics.render().encode(), "text/plain; charset=utf-8")
         else:
-            self._send(404, b"", "text/plain")
+            self.send_body(404, b"", "text/plain")
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
         try:
-            body = self._read_body()
+            body = self.read_body()
             if path not in ("/", "/generate", "/generate_stream"):
-                self._send(404, b"", "text/plain")
+                self.send_body(404, b"", "text/plain")
                 return
-            payload = self._parse(body)
+            payload = self.parse_json_object(body)
             stream = path == "/generate_stream" or (path == "/" and payload.get("stream") is True)
             inputs, n, details, full_text = self._validate(payload)
         except ValidationError as exc:
@@ -282,7 +271,7 @@ class TgiHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
             self.server.metrics.validation_failed()
             self.server.log.router("ERROR", exc.message, target=f"{ROUTER}::server", line_number=1253)
-            self._send_json(exc.status, {"error": exc.message, "error_type": "validation"})
+            self.send_json(exc.status, {"error": exc.message, "error_type": "validation"})
             return
         if stream:
             self._generate_stream(inputs, n)
@@ -296,7 +285,7 @@ class TgiHandler(BaseHTTPRequestHandler):
         start = time.monotonic()
         metrics.started(n)
         for done in range(n):
-            if self._wait(self.server.token_interval):
+            if self.sleep_unless_gone(self.server.token_interval):
                 self.close_connection = True
                 metrics.finished(n, done, ok=False)
                 return
@@ -322,7 +311,7 @@ class TgiHandler(BaseHTTPRequestHandler):
             "x-prompt-tokens": str(len(inputs.split())),
             "x-generated-tokens": str(n),
         }
-        self._send_json(200, body, headers)
+        self.send_json(200, body, headers)
         self._log_success("generate", total, n)
 
     def _generate_stream(self, inputs: str, n: int) -> None:
@@ -331,15 +320,9 @@ class TgiHandler(BaseHTTPRequestHandler):
         metrics.started(n)
         sent = 0
         try:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.send_header("x-compute-type", "gpu+optimized")
-            self.end_headers()
-            self.wfile.flush()
+            self.start_event_stream({"x-compute-type": "gpu+optimized"})
             for i in range(n):
-                if self._wait(self.server.token_interval):
+                if self.sleep_unless_gone(self.server.token_interval):
                     raise ConnectionResetError("client left")
                 last = i == n - 1
                 event = {
@@ -351,11 +334,10 @@ class TgiHandler(BaseHTTPRequestHandler):
                     ),
                 }
                 # TGI's axum SSE writes `data:` with no space before the JSON.
-                self._write_chunk(f"data:{_compact(event)}\n\n".encode())
+                self.write_chunk(f"data:{_compact(event)}\n\n".encode())
                 sent += 1
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError):
+            self.end_chunks()
+        except model_http.CLIENT_GONE:
             self.close_connection = True
             metrics.finished(n, sent, ok=False)
             return
@@ -380,33 +362,7 @@ class TgiHandler(BaseHTTPRequestHandler):
             span=span,
         )
 
-    def _wait(self, seconds: float) -> bool:
-        """Sleep while watching the socket; True once the client has closed it (peek reads b"")."""
-        deadline = time.monotonic() + seconds
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            step = min(remaining, DISCONNECT_POLL_S)
-            try:
-                readable, _, _ = select.select([self.connection], [], [], step)
-                if readable:
-                    if self.connection.recv(1, socket.MSG_PEEK) == b"":
-                        return True
-                    time.sleep(step)  # a pipelined request is waiting: not a disconnect
-            except (OSError, ValueError):
-                return True
-
     # -- validation --------------------------------------------------------------------------
-
-    def _parse(self, body: bytes) -> dict[str, Any]:
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValidationError(400, f"Failed to parse the request body as JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise ValidationError(422, f"{DESERIALIZE}: expected a map")
-        return payload
 
     def _validate(self, payload: dict[str, Any]) -> tuple[str, int, bool, bool]:
         if "inputs" not in payload:
@@ -461,58 +417,6 @@ class TgiHandler(BaseHTTPRequestHandler):
             "sha": None,
             "docker_label": None,
         }
-
-    # -- HTTP plumbing -----------------------------------------------------------------------
-
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            parts: list[bytes] = []
-            total = 0
-            while True:
-                line = self.rfile.readline(1024)
-                try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    raise ValidationError(400, "Failed to buffer the request body", close=True) from None
-                if size == 0:
-                    while self.rfile.readline(65536) not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(parts)
-                total += size
-                if total > MAX_BODY_BYTES:
-                    raise ValidationError(413, "length limit exceeded", close=True)
-                parts.append(self.rfile.read(size))
-                self.rfile.readline(16)
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            return b""
-        try:
-            length = int(raw)
-        except ValueError:
-            raise ValidationError(400, f"bad Content-Length {raw!r}", close=True) from None
-        if not 0 <= length <= MAX_BODY_BYTES:
-            raise ValidationError(413, "length limit exceeded", close=True)
-        return self.rfile.read(length)
-
-    def _write_chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-    def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        self._send(status, _compact(body).encode(), "application/json", headers)
-
-    def _send(
-        self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
 
 
 def _token_text(i: int) -> str:
@@ -595,14 +499,8 @@ def _shutdown_lines(log: Log) -> list[str]:
 
 
 def _on_stop_signal(_signum: int, _frame: object) -> None:
-    # os.write, not the buffered stdout (a request thread may hold it); os._exit, not sys.exit
-    # (joining request threads or closing keep-alive sockets could hang).
     assert _log is not None
-    try:
-        os.write(1, ("\n".join(_shutdown_lines(_log)) + "\n").encode())
-    except OSError:
-        pass
-    os._exit(0)
+    model_http.exit_now("\n".join(_shutdown_lines(_log)), 0)
 
 
 def _fail(log: Log, name: str, lines: list[str]) -> NoReturn:
@@ -713,21 +611,11 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         # A port that cannot be bound ends the real launcher the same way.
         _webserver_failed(log, f"{exc.strerror or exc} (os error {exc.errno})")
-    serve = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="serve", daemon=True
-    )
-    # Block the stop signals while starting it: the serve thread and the request threads it spawns
-    # inherit the mask, so SIGTERM always lands on the main thread. Otherwise a worker thread could
-    # take it, and Python, which runs handlers only in the main thread, would leave it asleep.
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    try:
-        serve.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    # The serve thread and its request threads never take SIGTERM/SIGINT: they land on the main thread.
+    model_http.serve_in_background(server)
 
     # The main thread only waits: the signal handlers run here and exit the process.
-    while True:
-        time.sleep(3600)
+    model_http.idle_forever()
 
 
 if __name__ == "__main__":
