@@ -65,6 +65,7 @@ class Admission:
         *,
         wall_clock: Callable[[], float] = time.time,
         unavailable_retry_after: int = 5,
+        hidden_work: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._ledger = ledger
         self._capacity = capacity
@@ -72,6 +73,9 @@ class Admission:
         self._ready_changed = ready_changed
         self._wall_clock = wall_clock
         self._unavailable_retry_after = unavailable_retry_after
+        # Work the model server does that never passed the proxy (its own queue, the GPU): it is
+        # ahead of a new request too. The same number feeds the reporter's cur_load.
+        self._hidden_work = hidden_work
         self._drain = trio.Event()
         self._fifos: dict[str, trio.StrictFIFOLock] = {}
 
@@ -89,7 +93,7 @@ class Admission:
         capacity = self._capacity()
         if not (capacity > 0.0 and math.isfinite(capacity)):
             return None
-        work = self._ledger.running_work + self._ledger.waiting_work + extra_work
+        work = self._ledger.running_work + self._ledger.waiting_work + self._hidden_work() + extra_work
         return max(work, 0.0) / capacity
 
     def queued(self, route_path: str) -> int:

@@ -66,6 +66,11 @@ class LoadMonitor:
         """Units/s for the admission's 429 decision: the same number the estimate uses."""
         return self.current.capacity
 
+    def hidden_work(self) -> float:
+        """Units in the model server that never passed the proxy, as of the last tick; the 429
+        decision and the reporter's cur_load add it to the ledger's live work."""
+        return self.current.hidden_work
+
     def snapshot(self) -> LoadSnapshot:
         now = self._clock()
         ledger, queue, gpu = self.ledger, self.model_queue, self.gpu

@@ -246,12 +246,14 @@ class ReportState:
     def max_perf(self) -> float:
         return self._max_perf if self._loaded else 0.0
 
-    def view(self, ledger: Ledger) -> ReportView:
+    def view(self, ledger: Ledger, hidden_work: float = 0.0) -> ReportView:
+        """`hidden_work`: units the model server holds that never passed the proxy (the estimate's);
+        the admission's 429 decision counts the same work."""
         return ReportView(
             state=self.state.value,
             loadtime=self.loadtime,
             max_perf=self.max_perf,
-            cur_load=ledger.waiting_work + ledger.running_work,
+            cur_load=ledger.waiting_work + ledger.running_work + hidden_work,
             error_msg=self.error_msg,
             num_requests_working=ledger.in_flight,
             num_requests_recieved=ledger.num_received,

@@ -261,7 +261,7 @@ def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
         max_perf=lambda: holder[0].max_perf, interval=config.probe_interval,
     )
     admission = Admission(ledger, load.capacity, lambda: holder[0].is_ready(),
-                          lambda: holder[0].wait_state_change())
+                          lambda: holder[0].wait_state_change(), hidden_work=load.hidden_work)
     verifier = Verifier(keys, config.signature_format, config.public_url) if keys is not None else None
     forwarder = Forwarder(config.model_server_url)
     metrics = Metrics(lambda: holder[0].metrics_view())
@@ -280,7 +280,7 @@ def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
     report_state = ReportState(machine.since)
     reporter = Reporter(
         client, config.report_addr, WorkerIdentity.from_config(config, VERSION), ledger,
-        lambda: report_state.view(ledger),
+        lambda: report_state.view(ledger, load.hidden_work()),
     ) if config.reporting else None
     worker = Worker(
         config, client, machine, lifecycle, ledger, admission, forwarder, handler, load, metrics, keys, app,

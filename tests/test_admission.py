@@ -303,3 +303,18 @@ async def test_no_comeback_past_the_queue_time(clock: trio.testing.MockClock) ->
         nursery.start_soon(crash)
         assert await world.admission.wait_comeback(PARALLEL) is False  # never back within 30 s
     assert trio.current_time() == pytest.approx(PARALLEL.max_queue_time)
+
+
+async def test_hidden_work_counts_in_the_estimated_wait(clock: trio.testing.MockClock) -> None:
+    # 400 units the model server holds that never passed the proxy, at 10 units/s: 40 s > 30 s.
+    world = World(ready=True, capacity=10.0)
+    world.admission = Admission(
+        world.ledger, capacity=lambda: 10.0, is_ready=world.readiness.is_ready,
+        ready_changed=world.readiness.changed, wall_clock=trio.current_time, hidden_work=lambda: 400.0,
+    )
+    record = world.admit(PARALLEL, workload=1.0)
+    with pytest.raises(Rejected) as rejected:
+        async with world.admission.slot(PARALLEL, record):
+            pass
+    assert rejected.value.status == 429 and rejected.value.retry_after == 10
+    assert world.admission.estimated_wait() == pytest.approx(40.0)

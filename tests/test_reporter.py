@@ -153,6 +153,8 @@ def test_report_state_reads_the_ledger_like_vast() -> None:
     assert sorted(view.working_request_idxs) == [7, 8]
     ledger.finish(waiting, RequestStatus.CANCELLED, 3.0)
     assert state.view(ledger).cur_load == 6.0
+    # work the model server holds beyond the proxy's (the estimate's hidden work) is load too
+    assert state.view(ledger, hidden_work=4.0).cur_load == 10.0
 
 
 # ---------------------------------------------------------------------------------------------
