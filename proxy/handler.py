@@ -22,6 +22,7 @@ from proxy.admission import Admission, Rejected
 from proxy.envelope import EnvelopeError, parse_envelope, workload_of
 from proxy.forward import Forwarder, UpstreamError
 from proxy.ledger import Ledger, RequestStatus
+from proxy.replay import ReplayGuard
 from proxy.signature import Verifier
 
 Scope = MutableMapping[str, Any]
@@ -96,6 +97,7 @@ class RequestHandler:
         on_change: Callable[[], None] = lambda: None,
         access_log: Callable[..., None] | None = None,
         metrics: Any = None,  # proxy.metrics.Metrics: per-request counts and histograms
+        replay: ReplayGuard | None = None,
     ) -> None:
         self.settings = settings
         self.forwarder = forwarder
@@ -105,6 +107,7 @@ class RequestHandler:
         self.on_change = on_change  # pokes the reporter: arrivals and completions are news
         self.access_log = access_log
         self.metrics = metrics
+        self.replay = replay
         self.errors = 0  # unexpected exceptions inside shepherd (answered 500)
 
     async def handle(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
@@ -132,11 +135,13 @@ class RequestHandler:
         reqnum = auth.reqnum if auth else None
         if self.verifier is not None and auth is not None:  # secured: parse_envelope required auth_data
             verdict = await self.verifier.verify(auth)
-            if not verdict.ok:
+            refusal = verdict.reason if not verdict.ok else (
+                self.replay.accept(auth.reqnum, auth.signature) if self.replay is not None else None)
+            if refusal is not None:
                 self.ledger.refuse(route=route.path, workload=workload, now=time.time(), http_status=401,
                                    request_idx=request_idx, reqnum=reqnum)
                 self.on_change()
-                await send_json(send, 401, {"error": "invalid signature", "reason": verdict.reason})
+                await send_json(send, 401, {"error": "invalid signature", "reason": refusal})
                 return self._log(route, 401, arrived, workload=workload, request_idx=request_idx)
 
         record = self.ledger.admit(route=route.path, workload=workload, now=time.time(),

@@ -220,6 +220,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("signature_format", "SIGNATURE_FORMAT", "--signature-format",
             _choice("auto", "url", "sorted", "legacy"), "auto",
             "signed message: url (Vast 2026), sorted (2025), legacy (2024), or auto (try each)", "http"),
+    Setting("replay_window", "REPLAY_WINDOW", "--replay-window", _int(0), 0,
+            "refuse a signed (reqnum, signature) seen before, or a reqnum this far behind the newest; "
+            "0 = off (url-only signatures carry no reqnum)", "http", "N"),
     Setting("max_body_bytes", "MAX_BODY_BYTES", "--max-body-bytes", _int(1), 64 * 1024 * 1024,
             "largest request body accepted (413 above)", "http", "N"),
     Setting("access_log", "ACCESS_LOG", "--access-log", _choice("info", "debug", "off"), "info",
@@ -294,6 +297,7 @@ class Config:
     public_port: int | None
     public_key_file: str | None
     signature_format: str
+    replay_window: int
     max_body_bytes: int
     access_log: str
     skip_benchmark: bool
@@ -452,6 +456,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         public_port=values["public_port"],
         public_key_file=values["public_key_file"] or None,
         signature_format=values["signature_format"],
+        replay_window=values["replay_window"],
         max_body_bytes=values["max_body_bytes"],
         access_log=values["access_log"],
         skip_benchmark=values["skip_benchmark"],

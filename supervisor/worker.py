@@ -28,6 +28,7 @@ from proxy.forward import Forwarder
 from proxy.handler import ProxySettings, RequestHandler
 from proxy.ledger import Ledger
 from proxy.metrics import GpuView, Metrics, MetricsView
+from proxy.replay import ReplayGuard
 from proxy.signature import KeySource, PemFileKeySource, RemoteKeySource, Verifier
 from supervisor.benchmark import (
     BenchmarkCache,
@@ -271,6 +272,7 @@ def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
         forwarder, ledger, admission, verifier, on_change=lambda: holder[0].poke(),
         access_log=None if config.access_log == "off" else getattr(access, config.access_log),
         metrics=metrics,
+        replay=ReplayGuard(config.replay_window) if config.replay_window and verifier is not None else None,
     )
     app = Gateway(
         create_app(lambda: holder[0].status(), metrics.render),

@@ -168,6 +168,7 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SignedWorker]:
         **BASE, "UNSECURED": "false", "PUBLIC_KEY_FILE": str(pem), "SIGNATURE_FORMAT": "auto",
         "PUBLIC_IPADDR": "127.0.0.1", f"VAST_TCP_PORT_{port}": str(public_port),
         "DEMO_TOKEN_INTERVAL": "0.05",  # spaced SSE tokens for the streaming test
+        "REPLAY_WINDOW": "1000",  # every test signs a fresh reqnum; the replay test reuses one
     })
     try:
         s.wait_state("ready")
@@ -190,6 +191,17 @@ def test_signed_request_in_each_format_reaches_the_model(signed: SignedWorker, f
     assert body["generated_text"] == ANSWER and body["tokens"] == 3
     [event] = access(signed.s, mark, route="/generate")
     assert event["status"] == 200 and event["request_idx"] == auth["request_idx"]
+
+
+def test_replayed_auth_data_is_refused_with_the_window_on(signed: SignedWorker) -> None:
+    auth = signed.auth("url")
+    envelope = {"auth_data": auth, "payload": PAYLOAD}
+    assert signed.s.http.post("/generate", json=envelope).status_code == 200
+    replay = signed.s.http.post("/generate", json=envelope)
+    assert replay.status_code == 401 and "already used" in replay.json()["reason"]
+    # the url-only signature is the same for every request; a new reqnum is a new request
+    fresh = {**auth, "reqnum": next(REQNUMS)}
+    assert signed.s.http.post("/generate", json={"auth_data": fresh, "payload": PAYLOAD}).status_code == 200
 
 
 def test_signature_failures_are_401_or_422_and_leave_no_ledger_entry(signed: SignedWorker) -> None:
