@@ -40,6 +40,9 @@ HOP_BY_HOP = frozenset({
     b"proxy-connection", b"expect",
 })
 
+# The answer's own `date` and `server` are dropped: hypercorn writes both, and a client must not get two.
+_NOT_RELAYED = HOP_BY_HOP | {b"date", b"server"}
+
 # An answer with a Content-Length up to this size, and not a stream, is relayed in one message.
 BUFFER_MAX = 8 * 1024 * 1024
 _STREAM_TYPES = (b"text/event-stream", b"ndjson", b"jsonl", b"json-seq")
@@ -89,8 +92,8 @@ def _relayed_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, by
         if name == b"connection":
             named = (named or set()) | {t.strip().lower() for t in value.split(b",")}
     if named is None:
-        return [(k, v) for k, v in headers if k not in HOP_BY_HOP]
-    return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
+        return [(k, v) for k, v in headers if k not in _NOT_RELAYED]
+    return [(k, v) for k, v in headers if k not in _NOT_RELAYED and k not in named]
 
 
 class Forwarder:

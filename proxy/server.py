@@ -37,6 +37,9 @@ def hypercorn_config(settings: ServerSettings) -> HypercornConfig:
     config.bind = [f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"]
     config.graceful_timeout = settings.graceful_timeout
     config.keep_alive_timeout = settings.keep_alive_timeout
+    # hypercorn closes a client connection after 1000 requests by default; a load balancer or SDK
+    # with a keep-alive pool would then pay a reconnect (and a TLS handshake) every 1000 requests.
+    config.keep_alive_max_requests = 1_000_000_000
     config.accesslog = None  # shepherd writes its own access events
     # A logger instance (not "-") so hypercorn's lines go through shepherd's JSON pipeline.
     config.errorlog = logging.getLogger("hypercorn.error")

@@ -1,4 +1,4 @@
-"""A small keep-alive HTTP/1.1 client for one upstream origin (the model server), on trio streams.
+"""A small keep-alive HTTP/1.1 client for one upstream origin (the model server), for trio.
 
 It replaces httpcore + h11 on the proxy's hot path: their pool walks every connection per request
 (a poll() per idle socket, and a quadratic keep-alive count: encode/httpcore#1035), and h11's event
@@ -6,8 +6,9 @@ machinery costs more than the little the proxy needs, which is:
 
 - a pool: a LIFO stack of idle connections (bounded; the top one is the most recently used, so
   when it is past its idle expiry all below it are too). Nothing scans the pool per request: the
-  popped connection is checked (its age, and one poll() of its own socket: a server that closed it
-  while idle has left an EOF there), and the oldest one is trimmed when a connection comes back.
+  popped connection is checked (its age, and one poll() of its own socket, with no wait: a server
+  that closed it while idle has left an EOF there), and the oldest one is trimmed when a connection
+  comes back.
 - a request: the head and a small body in one write.
 - a response: the head (64 KiB at most), 1xx interim answers skipped, then the body framed per
   RFC 9112 §6.3 (none for HEAD / 1xx / 204 / 304; chunked, decoded incrementally and handed out as
@@ -19,15 +20,19 @@ exchange is abandoned (an error, a cancelled request), it is closed at once.
 
 A pooled connection the server closed just as the request went out (its keep-alive timer raced the
 request: the write fails, or EOF / reset arrives before any byte of an answer) is retried once on a
-fresh connection. If that fresh connection is then refused, the server died with the request on
-it: that is reported as a broken connection, not as a refused one (the request may have reached it).
+fresh connection. If that fresh connection is then refused although the request had been written,
+the server died with the request on it: that is reported as a broken connection, not as a refused
+one (the request may have reached it, and a refused request is sent again after the restart).
 
 Errors are `UpstreamFailure` subclasses; `proxy.forward` maps them to 502 / 504.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import select
+import socket
 import ssl
 import time
 from collections import deque
@@ -46,11 +51,9 @@ _BAD_VALUE = re.compile(rb"[\x00\r\n]")
 # Bytes that may not appear raw in a request target (controls, space, DEL, non-ASCII).
 _UNSAFE_TARGET = re.compile(rb"[\x00-\x20\x7f-\xff]")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [^\x00\r\n]*)?")
-# name, optional whitespace before the colon (tolerated, and removed as RFC 9112 §5.1 asks of a
-# proxy), the value without its surrounding whitespace; a value holds no NUL nor other whitespace
-# than SP / HTAB between visible characters (h11's rule: hypercorn would refuse anything else).
-_FIELD_LINE = re.compile(
-    rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*:[ \t]*((?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?)[ \t]*")
+# A field value, once stripped of SP / HTAB at both ends, may not hold NUL nor other whitespace
+# than SP / HTAB (h11's rule: hypercorn would refuse to relay anything else).
+_BAD_FIELD_VALUE = re.compile(rb"[\x00\n\r\f\v]")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 
@@ -83,9 +86,10 @@ class WriteTimeout(UpstreamFailure):
 class Disconnected(UpstreamFailure):
     """The connection broke or closed (EOF, reset, TLS error) before the exchange was complete."""
 
-    def __init__(self, reason: str, before_response: bool = False) -> None:
+    def __init__(self, reason: str, before_response: bool = False, unsent: bool = False) -> None:
         super().__init__(reason)
         self.before_response = before_response
+        self.unsent = unsent  # writing the request failed: it never reached the server whole
 
 
 class ProtocolFailure(UpstreamFailure):
@@ -97,14 +101,107 @@ def _lost(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" + (f" ({cause})" if cause is not None and str(cause) else "")
 
 
-class Connection:
-    __slots__ = ("stream", "sock", "buf", "idle_since")
+def _send_failed(exc: BaseException) -> Disconnected:
+    return Disconnected(f"sending the request failed ({_lost(exc)})", before_response=True, unsent=True)
 
-    def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
-        self.stream = stream
-        self.sock = sock  # the TCP socket under `stream` (itself, or under TLS)
+
+class Connection:
+    """A plain TCP connection: the stdlib socket (non-blocking), driven with `trio.lowlevel` waits.
+
+    trio's `SocketStream` yields to the scheduler twice per operation, even one that completes at
+    once, and wraps each in context managers. Here the socket is called first and waited on only
+    when it would block (the wait is the cancellation point): a request's write nearly always
+    completes at once, and a body's data is often there already."""
+
+    __slots__ = ("sock", "buf", "idle_since", "drained")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
         self.buf = bytearray()  # received and not yet consumed
         self.idle_since = 0.0
+        # The last read took all the socket held (or a request has just gone): the next read
+        # waits at once rather than first trying a read that would only fail.
+        self.drained = True
+
+    async def send_all(self, data: bytes, timeout: float) -> None:
+        sock = self.sock
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise _send_failed(exc) from None
+        self.drained = True  # no answer can be there yet
+        if sent == len(data):
+            return
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope, memoryview(data) as view:
+            while sent < len(view):
+                await trio.lowlevel.wait_writable(sock)
+                try:
+                    sent += sock.send(view[sent:])
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise _send_failed(exc) from None
+            return
+        if scope.cancelled_caught:
+            raise WriteTimeout(f"sending the request took over {timeout:g}s")
+
+    async def receive(self, timeout: float | None) -> bytes:
+        """Some bytes, or b"" at EOF."""
+        sock = self.sock
+        if not self.drained:
+            try:
+                data = sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise Disconnected(f"connection lost ({_lost(exc)})") from None
+            else:
+                self.drained = len(data) < RECEIVE_SIZE
+                return data
+        if timeout is None:
+            return await self._wait_and_receive()
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+            return await self._wait_and_receive()
+        assert scope.cancelled_caught
+        raise ReadTimeout(f"no data from the model server for {timeout:g}s")
+
+    async def _wait_and_receive(self) -> bytes:
+        sock = self.sock
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                data = sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise Disconnected(f"connection lost ({_lost(exc)})") from None
+            self.drained = len(data) < RECEIVE_SIZE
+            return data
+
+    def is_stale(self) -> bool:
+        """For an idle connection: True when the server has closed it (EOF or a reset waiting) or
+        sent something unasked. One poll() of this socket only, with no wait."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def close(self) -> None:
+        """Close at once: synchronous, so it is safe in a cancelled task."""
+        if self.sock.fileno() != -1:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+
+class TLSConnection(Connection):
+    """HTTPS to the model server: the same interface on a `trio.SSLStream`."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        super().__init__(stream.transport_stream.socket)  # type: ignore[arg-type]  # used for is_stale / close
+        self.stream = stream
 
     async def send_all(self, data: bytes, timeout: float) -> None:
         try:
@@ -112,26 +209,27 @@ class Connection:
                 await self.stream.send_all(data)
                 return
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise Disconnected(f"sending the request failed ({_lost(exc)})", before_response=True) from None
+            raise _send_failed(exc) from None
         if scope.cancelled_caught:
             raise WriteTimeout(f"sending the request took over {timeout:g}s")
 
     async def receive(self, timeout: float | None) -> bytes:
-        """Some bytes, or b"" at EOF."""
         try:
-            if timeout is None:
-                return await self.stream.receive_some(RECEIVE_SIZE)
-            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+            with trio.CancelScope(deadline=trio.current_time() + timeout if timeout is not None else math.inf) as scope:
                 return await self.stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise Disconnected(f"connection lost ({_lost(exc)})") from None
-        if scope.cancelled_caught:
-            raise ReadTimeout(f"no data from the model server for {timeout:g}s")
-        raise AssertionError("unreachable")  # pragma: no cover
+        assert scope.cancelled_caught
+        raise ReadTimeout(f"no data from the model server for {timeout:g}s")
+
+    def is_stale(self) -> bool:
+        try:
+            return self.sock.is_readable()  # type: ignore[attr-defined]  # a trio socket here
+        except OSError:
+            return True
 
     def close(self) -> None:
-        """Close at once (no TLS close_notify): synchronous, so it is safe in a cancelled task."""
-        self.sock.close()
+        self.sock.close()  # a trio socket: it notifies waiters itself; no close_notify is sent
 
 
 class Response:
@@ -140,12 +238,12 @@ class Response:
     `complete` turns True when the body has been read to its end."""
 
     __slots__ = ("status", "headers", "content_length", "keep_alive", "complete", "conn", "timeout",
-                 "_mode", "_left", "_state", "_trailer")
+                 "_mode", "_left", "_state", "_trailer", "_fault")
 
     # body modes
     LENGTH, CHUNKED, UNTIL_CLOSE = 1, 2, 3
     # chunked decoding states
-    _SIZE, _DATA, _DATA_END, _TRAILER = 0, 1, 2, 3
+    _SIZE, _DATA, _DATA_END, _TRAILER, _BROKEN = 0, 1, 2, 3, 4
 
     def __init__(self, conn: Connection, timeout: float | None) -> None:
         self.conn = conn
@@ -159,6 +257,7 @@ class Response:
         self._left = 0
         self._state = self._SIZE
         self._trailer = 0
+        self._fault: ProtocolFailure | None = None
 
     # -- the head
 
@@ -202,18 +301,21 @@ class Response:
         headers: list[tuple[bytes, bytes]] = []
         for i in range(1, len(lines)):
             line = lines[i]
-            field = _FIELD_LINE.fullmatch(line)
-            if field is not None:
-                headers.append((field[1].lower(), field[2]))
-            elif line[:1] in (b" ", b"\t") and headers:
+            if line[:1] in (b" ", b"\t"):
                 # obs-fold (RFC 9112 §5.2): the line continues the previous value
                 more = line.strip(b" \t")
-                if _FIELD_LINE.fullmatch(b"x:" + more) is None:
+                if not headers or _BAD_FIELD_VALUE.search(more) is not None:
                     raise ProtocolFailure(f"malformed header line {line[:100]!r}")
                 name, value = headers[-1]
                 headers[-1] = (name, value + b" " + more if value else more)
-            else:
+                continue
+            name, colon, value = line.partition(b":")
+            # whitespace before the colon is tolerated and removed (RFC 9112 §5.1, for a proxy)
+            name = name.rstrip(b" \t")
+            value = value.strip(b" \t")
+            if not colon or _TOKEN.fullmatch(name) is None or _BAD_FIELD_VALUE.search(value) is not None:
                 raise ProtocolFailure(f"malformed header line {line[:100]!r}")
+            headers.append((name.lower(), value))
         self.headers = headers
         return match[1] == b"1"
 
@@ -274,7 +376,8 @@ class Response:
             else:
                 data = await conn.receive(self.timeout)
                 if not data:
-                    raise Disconnected(f"the model server closed the connection {left} bytes before the end of the body")
+                    raise Disconnected(f"the model server closed the connection {left} bytes before the end "
+                                       "of the body")
                 if len(data) > left:
                     buf += data[left:]  # more than announced: kept, so the connection is not reused
                     data = data[:left]
@@ -284,7 +387,13 @@ class Response:
         if mode == self.CHUNKED:
             pieces: list[bytes] = []
             while True:
-                self._dechunk(buf, pieces)
+                try:
+                    self._dechunk(buf, pieces)
+                except ProtocolFailure as exc:
+                    if not pieces:
+                        raise
+                    self._state, self._fault = self._BROKEN, exc  # what came before the fault goes out first
+                    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
                 if pieces or self.complete:
                     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
                 data = await conn.receive(self.timeout)
@@ -346,6 +455,8 @@ class Response:
                     raise ProtocolFailure(f"malformed chunk size {size_text[:40]!r}")
                 self._left = int(size_text, 16)
                 state = self._DATA if self._left else self._TRAILER
+            elif state == self._BROKEN:
+                raise self._fault or ProtocolFailure("malformed chunked body")
             else:  # trailer section: fields up to an empty line, dropped
                 eol = buf.find(b"\r\n")
                 if eol < 0:
@@ -384,7 +495,6 @@ class Http11Client:
         self._slots = trio.Semaphore(max_connections)  # exchanges in flight, each on its own connection
         self._idle: deque[Connection] = deque()  # right end: the most recently used
         self._closed = False
-        self.connections_made = 0
 
     @property
     def idle_count(self) -> int:
@@ -404,7 +514,8 @@ class Http11Client:
             with trio.move_on_after(self.connect_timeout) as scope:
                 await self._slots.acquire()
             if scope.cancelled_caught:
-                raise PoolTimeout(f"all {self._slots.max_value} connections busy for {self.connect_timeout:g}s") from None
+                raise PoolTimeout(
+                    f"all {self._slots.max_value} connections busy for {self.connect_timeout:g}s") from None
         return await self._request(head, body, method, read_timeout)
 
     async def _request(self, head: bytes, body: bytes, method: bytes, read_timeout: float | None) -> Response:
@@ -430,14 +541,19 @@ class Http11Client:
                     if not (reused and exc.before_response):
                         raise
                     # A pooled connection closed by the server as the request went out: once more on
-                    # a fresh one. Refused now, the server has just died, maybe with the request.
+                    # a fresh one.
                     conn.close()
                     conn = None
                     reused = False
                     try:
                         conn = await self._connect()
                     except ConnectRefused as refused:
-                        raise Disconnected(f"the model server closed the connection and now refuses new ones ({refused})") from None
+                        if exc.unsent:
+                            raise  # the request never got through: a refusal like any other
+                        # The request went out and the server is now down: it may have died of it,
+                        # so this is no refusal (a refusal is retried after the restart).
+                        raise Disconnected(f"the model server closed the connection with the request on it, "
+                                           f"and now refuses new ones ({refused})") from None
         except BaseException:
             if conn is not None:
                 conn.close()
@@ -472,12 +588,8 @@ class Http11Client:
                 while idle:  # LIFO: everything below is older still
                     idle.pop().close()
                 return None
-            try:
-                readable = conn.sock.is_readable()
-            except OSError:
-                readable = True
-            if readable:
-                conn.close()  # closed by the server while idle (EOF or reset waiting), or garbage: unusable
+            if conn.is_stale():
+                conn.close()  # closed by the server while idle, or garbage waiting: unusable
                 continue
             return conn
         return None
@@ -485,12 +597,15 @@ class Http11Client:
     async def _connect(self) -> Connection:
         with trio.move_on_after(self.connect_timeout):
             try:
-                tcp = await trio.open_tcp_stream(self.host, self.port)
+                tcp = await trio.open_tcp_stream(self.host, self.port)  # sets TCP_NODELAY
             except OSError as exc:
                 raise ConnectRefused(f"cannot connect to {self.host}:{self.port} ({_lost(exc)})") from None
             if self.tls is None:
-                self.connections_made += 1
-                return Connection(tcp, tcp.socket)
+                trio_sock = tcp.socket
+                family, kind, proto = trio_sock.family, trio_sock.type, trio_sock.proto
+                sock = socket.socket(family, kind, proto, fileno=trio_sock.detach())
+                sock.setblocking(False)
+                return Connection(sock)
             stream = trio.SSLStream(tcp, self.tls, server_hostname=self.host, https_compatible=True)
             try:
                 await stream.do_handshake()
@@ -499,8 +614,7 @@ class Http11Client:
                 if isinstance(exc, trio.BrokenResourceError):
                     raise Disconnected(f"TLS handshake with {self.host}:{self.port} failed ({_lost(exc)})") from None
                 raise
-            self.connections_made += 1
-            return Connection(stream, tcp.socket)
+            return TLSConnection(stream)
         raise ConnectTimeout(f"connecting to {self.host}:{self.port} took over {self.connect_timeout:g}s")
 
 

@@ -80,3 +80,11 @@ def test_status_carries_the_same_estimate_and_probes(shepherd: Shepherd) -> None
     families = scrape(shepherd)
     assert value(families["shepherd_estimate_utilisation"], "shepherd_estimate_utilisation") == 0.0
     assert value(families["shepherd_workload_running"], "shepherd_workload_running") == 0.0
+
+
+def test_relayed_answer_has_one_date_and_server_header(shepherd: Shepherd) -> None:
+    # The demo server sends its own Date and Server; hypercorn writes both too.
+    response = shepherd.http.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 1}})
+    assert response.status_code == 200
+    assert len(response.headers.get_list("date")) == 1
+    assert response.headers.get_list("server") == ["hypercorn-h11"]
