@@ -61,6 +61,9 @@ else:
 READY_MARKER = "model loaded, serving on"
 DEFAULT_MAX_NEW_TOKENS = 16
 INVALID_UTF8_BYTES = b"bad bytes: \xff\xfe\xfa end\n"
+# Bounds a real server has too (TGI: max_total_tokens): no request may hold a thread for hours.
+MAX_NEW_TOKENS = 4096
+MAX_SLEEP_S = 120.0
 GRANDCHILD_CODE = "import time; [time.sleep(1) for _ in iter(int, 1)]"
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -229,11 +232,11 @@ def _parameters(payload: dict[str, Any]) -> tuple[int, float]:
     n = params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     if n is None:
         n = DEFAULT_MAX_NEW_TOKENS
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise RequestError(400, "`max_new_tokens` must be a non-negative integer")
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_NEW_TOKENS:
+        raise RequestError(400, f"`max_new_tokens` must be an integer from 0 to {MAX_NEW_TOKENS}")
     sleep_s = params.get("sleep", 0.0) or 0.0
-    if isinstance(sleep_s, bool) or not isinstance(sleep_s, (int, float)) or sleep_s < 0:
-        raise RequestError(400, "`sleep` must be a non-negative number of seconds")
+    if isinstance(sleep_s, bool) or not isinstance(sleep_s, (int, float)) or not 0 <= sleep_s <= MAX_SLEEP_S:
+        raise RequestError(400, f"`sleep` must be a number of seconds from 0 to {MAX_SLEEP_S}")
     return n, float(sleep_s)
 
 

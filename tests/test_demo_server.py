@@ -308,7 +308,7 @@ def test_stream_client_disconnect_reaches_the_server(
 ) -> None:
     child, url = ready_server(spawn, token_interval=0.02)
     with client.stream(
-        "POST", f"{url}/generate_stream", json={"inputs": "x", "parameters": {"max_new_tokens": 10_000}}
+        "POST", f"{url}/generate_stream", json={"inputs": "x", "parameters": {"max_new_tokens": 4000}}
     ) as r:
         received = 0
         for _chunk in r.iter_raw():
@@ -426,3 +426,13 @@ def test_crash_after_exits_1_without_traceback(spawn: Callable[..., Child]) -> N
     assert child.proc.wait(timeout=5) == 1
     assert child.wait_line("crashing", stream="err") == "demo: crashing on purpose after 0.2 s"
     assert not any("Traceback" in line for line in child.lines("err"))
+
+
+def test_parameters_out_of_bounds_are_refused(spawn: Callable[..., Child], client: httpx.Client) -> None:
+    # A real server bounds generation too: no request may hold a thread for hours.
+    _child, url = ready_server(spawn)
+    for parameters in ({"max_new_tokens": 10**9}, {"max_new_tokens": -1}, {"sleep": 1e9}, {"sleep": -1}):
+        response = client.post(f"{url}/generate", json={"inputs": "x", "parameters": parameters})
+        assert response.status_code == 400, parameters
+    assert client.post(f"{url}/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 4096}},
+                       timeout=60).status_code == 200
