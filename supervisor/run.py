@@ -1,4 +1,4 @@
-"""The root of the running program: builds the pieces from the Config and runs them in one nursery.
+"""The root of the running program: runs the worker's pieces (built in `worker.py`) in one nursery.
 
 Order of a run: open the signal receiver (kept open to the end), become a subreaper, bind the HTTP
 port (a port in use ends the start with exit 2 before any model is spawned), then run the model
@@ -31,8 +31,8 @@ from supervisor.worker import VERSION, Worker, build_worker
 
 EXIT_OK, EXIT_GAVE_UP, EXIT_CONFIG = 0, 1, 2
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-HTTP_CLOSE_GRACE = 1.0
-REPORT_FLUSH_TIMEOUT = 5.0  # seconds hypercorn gives connections after shepherd's own drain
+HTTP_CLOSE_GRACE = 1.0  # seconds hypercorn gives connections after shepherd's own drain
+REPORT_FLUSH_TIMEOUT = 5.0  # seconds the last reports may take before exit
 
 
 @dataclass
