@@ -42,8 +42,8 @@ from supervisor.benchmark import (
 from supervisor.config import Config
 from supervisor.lifecycle import Lifecycle, LifecycleSettings, WarmupFailed
 from supervisor.load import LoadMonitor
-from supervisor.reporter import Reporter, ReportState, WorkerIdentity
 from supervisor.logs import get_logger
+from supervisor.reporter import Reporter, ReportState, WorkerIdentity
 from supervisor.restart import BackoffSettings, RestartPolicy
 from supervisor.rules import LogRules
 from supervisor.states import State, StateMachine, Transition
