@@ -232,9 +232,6 @@ class Ledger:
         """Client request indexes of in-flight requests (waiting ones too, as Vast counts them)."""
         return [r.request_idx for r in self._in_flight.values() if r.request_idx is not None]
 
-    def in_flight_records(self) -> list[RequestRecord]:
-        return list(self._in_flight.values())
-
     # -- per-report counters ---------------------------------------------------------------------
 
     def peek_counters(self) -> Counters:

@@ -149,16 +149,9 @@ class Connection:
 
     async def receive(self, timeout: float | None) -> bytes:
         """Some bytes, or b"" at EOF."""
-        sock = self.sock
         if not self.drained:
-            try:
-                data = sock.recv(RECEIVE_SIZE)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise Disconnected(f"connection lost ({_lost(exc)})") from None
-            else:
-                self.drained = len(data) < RECEIVE_SIZE
+            data = self._recv_now()
+            if data is not None:
                 return data
         if timeout is None:
             return await self._wait_and_receive()
@@ -167,18 +160,23 @@ class Connection:
         assert scope.cancelled_caught
         raise ReadTimeout(f"no data from the model server for {timeout:g}s")
 
+    def _recv_now(self) -> bytes | None:
+        """What the socket holds right now; None when it would block."""
+        try:
+            data = self.sock.recv(RECEIVE_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise Disconnected(f"connection lost ({_lost(exc)})") from None
+        self.drained = len(data) < RECEIVE_SIZE
+        return data
+
     async def _wait_and_receive(self) -> bytes:
-        sock = self.sock
         while True:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                data = sock.recv(RECEIVE_SIZE)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                raise Disconnected(f"connection lost ({_lost(exc)})") from None
-            self.drained = len(data) < RECEIVE_SIZE
-            return data
+            await trio.lowlevel.wait_readable(self.sock)
+            data = self._recv_now()
+            if data is not None:
+                return data
 
     def is_stale(self) -> bool:
         """For an idle connection: True when the server has closed it (EOF or a reset waiting) or

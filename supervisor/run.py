@@ -29,7 +29,7 @@ from supervisor.states import State
 from supervisor.tail import set_aside_stale_log
 from supervisor.worker import VERSION, Worker, build_worker
 
-EXIT_OK, EXIT_GAVE_UP, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_CONFIG = 0, 2  # 1 (gave up) is what Lifecycle.supervise returns
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HTTP_CLOSE_GRACE = 1.0  # seconds hypercorn gives connections after shepherd's own drain
 REPORT_FLUSH_TIMEOUT = 5.0  # seconds the last reports may take before exit
