@@ -24,6 +24,9 @@ def benchmark_payload(rng: random.Random) -> dict:
 
 
 _workload = field_workload("parameters", "max_new_tokens", default=16.0)
+# The demo server refuses more than 4096 new tokens (demo_server.MAX_NEW_TOKENS): a request claiming
+# more cannot be that much work, so it must not count as more in the 429 decision either.
+_MAX_WORKLOAD = 4096.0
 
 SPEC = BackendSpec(
     name="demo",
@@ -38,7 +41,7 @@ SPEC = BackendSpec(
     fatal_patterns=("demo: fatal model error",),
     info_patterns=("demo: loading model weights",),
     routes=(
-        Route("/generate", workload=_workload, benchmark=benchmark_payload),
-        Route("/generate_stream", workload=_workload, timeout=None),
+        Route("/generate", workload=_workload, benchmark=benchmark_payload, max_workload=_MAX_WORKLOAD),
+        Route("/generate_stream", workload=_workload, timeout=None, max_workload=_MAX_WORKLOAD),
     ),
 )

@@ -50,6 +50,9 @@ class Route:
     max_queue_time: float = 30.0  # seconds a request may wait before 429 / 503
     timeout: float | None = 600.0  # upstream read timeout for non-streaming answers; None: no limit
     workload: WorkloadFn = no_workload
+    # The most workload units one request may claim (its formula's result or `auth_data.cost`, both
+    # the client's to choose); None: the global MAX_WORKLOAD. See proxy.envelope.workload_of.
+    max_workload: float | None = None
     benchmark: BenchmarkFn | None = None
 
     @property

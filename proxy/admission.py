@@ -17,8 +17,13 @@ This module owns the queueing policy in front of the model server. For one reque
    longer than `max_queue_time`, which is exactly what 429 tells Vast's client. A waiter whose client
    leaves (its task is cancelled) leaves the FIFO without holding up the ones behind it.
 
-`Retry-After` on a 429 is the estimated excess wait rounded up (at least 1 s); on a 503 it is
-`unavailable_retry_after`. A rejection is written to the ledger here (`Ledger.reject`) before
+`Retry-After` on a 429 is the estimated excess wait rounded up; on a 503 it is
+`unavailable_retry_after`; either is kept within 1 s and `MAX_RETRY_AFTER` (300 s). Workloads are
+the client's to declare (clamped per route, `proxy.envelope.workload_of`), so the estimate can be
+wild: `cost=1e15` once gave `Retry-After: 9999999999400`, and `1e300` an integer orjson could not
+write (a 500). Five minutes is past any useful prediction (the autoscaler adds workers, capacity is
+refined online, Vast's client polls `/route/` every few seconds anyway) and tells a client to go
+elsewhere, which is what a 429 means. A rejection is written to the ledger here (`Ledger.reject`) before
 `Rejected` is raised; entering the model marks the record started; finishing it (success, error,
 cancelled) is the caller's job, after the `async with`.
 """
@@ -29,12 +34,14 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import NoReturn
+from typing import Final, NoReturn
 
 import trio
 
 from backends.spec import Route
 from proxy.ledger import Ledger, RequestRecord
+
+MAX_RETRY_AFTER: Final = 300  # seconds; the most a Retry-After ever says (see the module docstring)
 
 
 class Rejected(Exception):
@@ -96,6 +103,15 @@ class Admission:
         work = self._ledger.running_work + self._ledger.waiting_work + self._hidden_work() + extra_work
         return max(work, 0.0) / capacity
 
+    def wait_ahead_of(self, record: RequestRecord) -> float | None:
+        """Seconds until the work ahead of `record` (everything in flight but itself) is served;
+        None while capacity is unknown. The ledger subtracts exactly: no residue of a finished
+        request, or of this one, counts as work ahead."""
+        capacity = self._capacity()
+        if not (capacity > 0.0 and math.isfinite(capacity)):
+            return None
+        return max(self._ledger.work_ahead_of(record) + self._hidden_work(), 0.0) / capacity
+
     def queued(self, route_path: str) -> int:
         """Requests waiting in the FIFO of a non-parallel route."""
         fifo = self._fifos.get(route_path)
@@ -118,7 +134,7 @@ class Admission:
                 self._reject(record, 503, self._unavailable_retry_after, "not ready")
 
         # Work ahead of this request: everything in the ledger but itself.
-        wait = self.estimated_wait(-record.workload)
+        wait = self.wait_ahead_of(record)
         remaining = deadline - trio.current_time()
         if wait is not None and wait > remaining:
             self._reject(record, 429, _seconds(wait - remaining), "estimated wait over max_queue_time")
@@ -136,7 +152,7 @@ class Admission:
                 await fifo.acquire()
             # Only a waiter still parked is cancelled: once handed the lock, acquire() returns.
             if scope.cancelled_caught:
-                wait = self.estimated_wait(-record.workload)
+                wait = self.wait_ahead_of(record)
                 self._reject(record, 429, _seconds(wait or 0.0), "queue wait over max_queue_time")
         try:
             self._ledger.start(record, self._wall_clock())
@@ -171,8 +187,11 @@ class Admission:
 
     def _reject(self, record: RequestRecord, status: int, retry_after: int, reason: str) -> NoReturn:
         self._ledger.reject(record, self._wall_clock(), status)
-        raise Rejected(status, retry_after, reason)
+        raise Rejected(status, min(max(retry_after, 1), MAX_RETRY_AFTER), reason)
 
 
 def _seconds(value: float) -> int:
-    return max(1, math.ceil(value)) if math.isfinite(value) else 1
+    """Whole seconds, rounded up, within 1 and MAX_RETRY_AFTER (an infinite or NaN wait is the most)."""
+    if not value <= MAX_RETRY_AFTER:  # also NaN and inf: never math.ceil() a huge float
+        return MAX_RETRY_AFTER
+    return max(1, math.ceil(value))

@@ -1,12 +1,24 @@
-"""Forwarding one request to the model server and relaying its answer.
+"""Forwarding one request to the model server and relaying its answer as ASGI messages.
 
 The upstream side is `proxy.upstream`, a small keep-alive HTTP/1.1 client made for this one hop
-(httpcore's pool and h11 cost more CPU per request than the rest of the proxy together).
-Streams (SSE, NDJSON, chunked) are never buffered: each piece is sent to the client as it arrives.
-A plain answer with a Content-Length (JSON, mostly) is read whole and relayed as one message with
-its length, which saves hypercorn a chunked encoding and a terminator write per response.
+(httpcore's pool and h11 cost more CPU per request than the rest of the proxy together), whose
+answers llhttp parses. Streams (SSE, NDJSON, chunked) are never buffered: each piece is sent to the
+client as it arrives. A plain answer with a Content-Length (JSON, mostly) is read whole and relayed
+as one message with its length, which saves hypercorn a chunked encoding and a terminator write.
 
-Error mapping, before the answer has started: refused / reset / bad protocol -> 502, timeout -> 504.
+Transfer codings: chunked framing is undone (hypercorn frames the relayed body its own way). Any
+other transfer coding the model server applied (gzip, deflate, compress: it should not, since
+shepherd sends no TE field) is not decoded: the bytes are relayed as they are and the codings are
+appended to Content-Encoding, in the order applied, so the client undoes them as it would undo a
+content coding. Decoding them here would mean decompressing an unbounded body in the proxy.
+
+Timeouts: a route's `timeout` bounds the wait for the answer's head and each wait for body data.
+A route without one (streams: `timeout=None`) gets `ForwardLimits.stream_head_timeout` for the head
+and `stream_idle_timeout` between two pieces of the body, so a silent model server cannot hold a
+request for good.
+
+Error mapping, before the answer has started: refused / reset / bad protocol -> 502, timeout -> 504
+(an answer the model server sent before it stopped reading the request, a 413, is relayed as it is).
 Once the answer has started its status is out, so a failure mid-stream ends the stream early.
 """
 
@@ -54,9 +66,19 @@ class ForwardLimits:
 
     max_connections: int = 1024  # well above any model server's useful concurrency
     keepalive_connections: int = 256
-    keepalive_expiry: float = 60.0
+    # Below common servers' keep-alive timeouts (uvicorn: 5 s), so that shepherd, not the server,
+    # closes an idle connection: a request is then rarely written to one the server is closing,
+    # and such a request is never sent again (see proxy.upstream).
+    keepalive_expiry: float = 4.0
     connect_timeout: float = 5.0
     write_timeout: float = 30.0
+    # Routes with no timeout (streams). The head: as long as a non-streaming route waits by default
+    # (Route.timeout), because OpenAI-style routes without a timeout also carry non-streaming answers,
+    # whose head comes only once the whole generation is done, after any wait in the server's queue.
+    stream_head_timeout: float = 600.0
+    # Between two pieces of a stream's body: tokens come in well under a second, but some servers send
+    # the head at once and the first token only after the request has waited in their own queue.
+    stream_idle_timeout: float = 300.0
 
 
 class UpstreamError(Exception):
@@ -84,16 +106,28 @@ def _upstream_error(exc: UpstreamFailure) -> UpstreamError:
                          refused=isinstance(exc, ConnectRefused))
 
 
-def _relayed_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def _relayed_headers(headers: list[tuple[bytes, bytes]], codings: list[bytes]) -> list[tuple[bytes, bytes]]:
     """The answer's fields less hop-by-hop ones, and those its Connection field names (RFC 9110
-    §7.6.1). Content-Length is left out too: it is set again when the body is relayed whole."""
+    §7.6.1). Content-Length is left out too: it is set again when the body is relayed whole.
+    Transfer codings other than chunked (`codings`) are carried over into Content-Encoding."""
     named: set[bytes] | None = None
     for name, value in headers:
         if name == b"connection":
             named = (named or set()) | {t.strip().lower() for t in value.split(b",")}
     if named is None:
-        return [(k, v) for k, v in headers if k not in _NOT_RELAYED]
-    return [(k, v) for k, v in headers if k not in _NOT_RELAYED and k not in named]
+        out = [(k, v) for k, v in headers if k not in _NOT_RELAYED]
+    else:
+        out = [(k, v) for k, v in headers if k not in _NOT_RELAYED and k not in named]
+    return _with_codings(out, codings) if codings else out
+
+
+def _with_codings(headers: list[tuple[bytes, bytes]], codings: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """The relayed body still carries the transfer codings the model server applied (after any
+    content coding): one Content-Encoding lists them all, in the order applied (RFC 9110 §8.4)."""
+    applied = [v for k, v in headers if k == b"content-encoding" and v]
+    out = [(k, v) for k, v in headers if k != b"content-encoding"]
+    out.append((b"content-encoding", b", ".join(applied + codings)))
+    return out
 
 
 class Forwarder:
@@ -154,11 +188,18 @@ class Forwarder:
         read_timeout: float | None,
         send: Send,
     ) -> ForwardResult:
+        """Send one request and relay the answer through `send`. `read_timeout` bounds the wait for
+        the answer's head and each wait for body data; None (a stream) means the limits' stream
+        timeouts. Raises UpstreamError before the answer has started."""
         verb = self._method(method)
         head = request_head(verb, self._target(path, query), self._host, headers, HOP_BY_HOP, len(body))
         client = self._client
+        if read_timeout is None:
+            head_timeout, idle_timeout = self.limits.stream_head_timeout, self.limits.stream_idle_timeout
+        else:
+            head_timeout = idle_timeout = read_timeout
         try:
-            response = await client.request(head, body, verb, read_timeout)
+            response = await client.request(head, body, verb, head_timeout, idle_timeout)
         except UpstreamFailure as exc:
             raise _upstream_error(exc) from None
         released = False
@@ -166,7 +207,7 @@ class Forwarder:
         sent = 0
         status = response.status
         try:
-            out = _relayed_headers(response.headers)
+            out = _relayed_headers(response.headers, response.codings)
             length = response.content_length
             if response.complete:  # no body (HEAD, 204, 304, Content-Length: 0)
                 released = True

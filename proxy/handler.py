@@ -1,9 +1,16 @@
 """The request path for the backend's routes, as plain ASGI (the hot path skips Quart's machinery).
 
-For each request: read the body (413 as soon as it passes the limit) -> parse the Vast envelope (422)
--> check the signature (401) -> admit it in the ledger -> wait for a slot (429 / 503) -> forward the
-payload -> relay the answer -> finish the ledger entry -> one access event. A client that leaves
-cancels the upstream request at once and is counted `Cancelled`.
+For each request: read the body within its size, time and memory limits (413 / 408 / 503, see
+`proxy/body.py`) -> for a large signed body, check the signature of its leading `auth_data` before
+parsing the rest (`proxy/auth_first.py`) -> parse the Vast envelope (422) -> check the signature (401)
+-> admit it in the ledger -> wait for a slot (429 / 503) -> forward the payload -> relay the answer ->
+finish the ledger entry -> one access event. A client that leaves cancels the upstream request at
+once and is counted `Cancelled`.
+
+Everything that can fail on the client's input fails before `ledger.admit`; everything after it runs
+inside one `try/finally` that finishes the record, so no exception can leave a request counted as in
+flight. Every answer has a JSON body, and error bodies name no internal address (the detail goes to
+the access event, which only the operator sees).
 """
 
 from __future__ import annotations
@@ -19,71 +26,42 @@ from structlog import get_logger
 
 from backends.spec import Route
 from proxy.admission import Admission, Rejected
-from proxy.envelope import EnvelopeError, parse_envelope, workload_of
+from proxy.auth_first import AUTH_FIRST_ABOVE, auth_data_prefix
+from proxy.body import BodyBudget, BodyTimeout, BodyTooLarge, BudgetFull, ClientGone, read_body
+from proxy.envelope import AUTH_MAX_BYTES, Envelope, EnvelopeError, parse_envelope, workload_of
 from proxy.forward import Forwarder, UpstreamError
+from proxy.headers import upstream_request
 from proxy.ledger import Ledger, RequestStatus
 from proxy.replay import ReplayGuard
-from proxy.signature import Verifier
+from proxy.signature import Verifier, signs_reqnum
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class ClientGone(Exception):
-    pass
+CLOSE = [(b"connection", b"close")]
+# What a client is told when the model server fails; the reason with its addresses is logged instead.
+PUBLIC_UPSTREAM_ERRORS = {502: "model server error", 504: "model server timed out"}
 
 
 @dataclass(frozen=True)
 class ProxySettings:
     unsecured: bool
     max_body_bytes: int = 64 * 1024 * 1024
+    body_timeout: float = 60.0  # seconds from the request head to the last byte of its body
+    body_bytes_in_flight: int = 256 * 1024 * 1024
+    max_workload: float = 100_000.0  # a route's own `max_workload` wins
+    scheme: str = "http"  # what the client spoke to us (X-Forwarded-Proto)
 
 
 async def send_json(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    data = orjson.dumps(body)
+    try:
+        data = orjson.dumps(body)
+    except (TypeError, orjson.JSONEncodeError):  # never an empty answer, whatever went into `body`
+        status, data = 500, b'{"error":"internal error in shepherd"}'
     await send({"type": "http.response.start", "status": status, "headers": JSON_HEADERS + (headers or [])})
     await send({"type": "http.response.body", "body": data, "more_body": False})
-
-
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                if int(value) > limit:
-                    raise BodyTooLarge  # refused before a byte of the body is read
-            except ValueError:
-                pass
-            break
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def upstream_credentials_removed(scope: Scope) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """Vast's client sends its endpoint API key as `Authorization: Bearer` and `?api_key=`. Once
-    shepherd has checked the signature, the key is not for the model server (vLLM started with its
-    own --api-key would refuse it, and a key has no business in another process's logs)."""
-    query = scope.get("query_string", b"")
-    if query:
-        query = b"&".join(p for p in query.split(b"&") if not p.startswith(b"api_key="))
-    return query, [(k, v) for k, v in scope["headers"] if k != b"authorization"]
 
 
 class RequestHandler:
@@ -109,6 +87,7 @@ class RequestHandler:
         self.metrics = metrics
         self.replay = replay
         self.errors = 0  # unexpected exceptions inside shepherd (answered 500)
+        self.budget = BodyBudget(settings.body_bytes_in_flight)
 
     async def handle(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         arrived = time.perf_counter()
@@ -116,44 +95,94 @@ class RequestHandler:
             allow = ", ".join(route.methods).encode()
             await send_json(send, 405, {"error": f"method {scope['method']} not allowed"}, [(b"allow", allow)])
             return self._log(route, 405, arrived)
-        try:
-            body = await read_body(scope, receive, self.settings.max_body_bytes)
-        except BodyTooLarge:
-            await send_json(send, 413, {"error": f"body over {self.settings.max_body_bytes} bytes"},
-                            [(b"connection", b"close")])
-            return self._log(route, 413, arrived)
-        except ClientGone:
-            return self._log(route, 499, arrived)
+        with self.budget.hold() as hold:
+            try:
+                body = await read_body(scope["headers"], receive, self.settings.max_body_bytes, hold,
+                                       self.settings.body_timeout)
+            except BodyTooLarge:
+                await send_json(send, 413, {"error": f"body over {self.settings.max_body_bytes} bytes"}, CLOSE)
+                return self._log(route, 413, arrived)
+            except BodyTimeout:
+                await send_json(send, 408, {"error": f"body not received within {self.settings.body_timeout:g}s"},
+                                CLOSE)
+                return self._log(route, 408, arrived)
+            except BudgetFull:
+                await send_json(send, 503, {"error": "too many request bytes in flight", "retry_after": 1},
+                                [(b"retry-after", b"1"), *CLOSE])
+                return self._log(route, 503, arrived, reason="body budget")
+            except ClientGone:
+                return self._log(route, 499, arrived)
+            await self._handle_body(route, scope, receive, send, body, arrived)
+
+    async def _handle_body(
+        self, route: Route, scope: Scope, receive: Receive, send: Send, body: bytes | bytearray, arrived: float
+    ) -> None:
+        if self.verifier is not None and len(body) > AUTH_FIRST_ABOVE:
+            refusal = await self._precheck(route, body)
+            if refusal is not None:
+                status, fields = refusal
+                await send_json(send, status, fields)
+                return self._log(route, status, arrived, checked="auth-first")  # the rest was never parsed
         try:
             envelope = parse_envelope(body, unsecured=self.settings.unsecured)
         except EnvelopeError as exc:
             await send_json(send, exc.status, exc.fields)
             return self._log(route, exc.status, arrived)
         auth = envelope.auth
-        workload = workload_of(route, envelope)
+        max_workload = route.max_workload or self.settings.max_workload
+        workload = workload_of(route, envelope, max_workload, trust_cost=self.verifier is None)
         request_idx = auth.request_idx if auth else None
         reqnum = auth.reqnum if auth else None
         if self.verifier is not None and auth is not None:  # secured: parse_envelope required auth_data
             verdict = await self.verifier.verify(auth)
+            if verdict.ok and signs_reqnum(verdict.fmt):  # the formats that sign reqnum sign cost too
+                workload = workload_of(route, envelope, max_workload)
             refusal = verdict.reason if not verdict.ok else (
-                self.replay.accept(auth.reqnum, auth.signature) if self.replay is not None else None)
+                self.replay.accept(auth.reqnum, verdict.signature_bytes, signs_reqnum(verdict.fmt))
+                if self.replay is not None else None)
             if refusal is not None:
                 self.ledger.refuse(route=route.path, workload=workload, now=time.time(), http_status=401,
                                    request_idx=request_idx, reqnum=reqnum)
                 self.on_change()
                 await send_json(send, 401, {"error": "invalid signature", "reason": refusal})
                 return self._log(route, 401, arrived, workload=workload, request_idx=request_idx)
+        await self._serve(route, scope, receive, send, envelope, workload, arrived)
 
-        record = self.ledger.admit(route=route.path, workload=workload, now=time.time(),
-                                   request_idx=request_idx, reqnum=reqnum)
-        self.on_change()
-        # A bare (unsecured) payload is forwarded byte for byte: no re-serialisation on the hot path.
-        payload = body if envelope.bare else orjson.dumps(envelope.payload)
-        status, sent, queue_s, upstream_s = 499, 0, 0.0, 0.0
+    async def _precheck(self, route: Route, body: bytes | bytearray) -> tuple[int, dict[str, Any]] | None:
+        """A large signed body: its leading `auth_data` must verify before the rest is parsed."""
+        assert self.verifier is not None
+        raw = auth_data_prefix(body, AUTH_MAX_BYTES)
+        if raw is None:
+            return 422, {"auth_data": f"must be the first key of a body over {AUTH_FIRST_ABOVE} bytes"}
         try:
+            envelope = parse_envelope(b'{"auth_data":' + raw + b',"payload":{}}', unsecured=False)
+        except EnvelopeError as exc:
+            return exc.status, exc.fields
+        assert envelope.auth is not None
+        verdict = await self.verifier.verify(envelope.auth)
+        if verdict.ok:
+            # The whole body is checked again once parsed: with duplicate `auth_data` keys, the one
+            # a JSON parser keeps (the last) is the one that must be valid.
+            return None
+        self.ledger.refuse(route=route.path, workload=0.0, now=time.time(), http_status=401,
+                           request_idx=envelope.auth.request_idx, reqnum=envelope.auth.reqnum)
+        self.on_change()
+        return 401, {"error": "invalid signature", "reason": verdict.reason}
+
+    async def _serve(
+        self, route: Route, scope: Scope, receive: Receive, send: Send, envelope: Envelope, workload: float,
+        arrived: float,
+    ) -> None:
+        auth = envelope.auth
+        request_idx = auth.request_idx if auth else None
+        record = self.ledger.admit(route=route.path, workload=workload, now=time.time(),
+                                   request_idx=request_idx, reqnum=auth.reqnum if auth else None)
+        status, sent, queue_s, upstream_s, detail = 499, 0, 0.0, 0.0, None
+        try:
+            self.on_change()
             async with self.admission.slot(route, record):
                 queue_s = time.perf_counter() - arrived
-                status, sent = await self._forward_watching(route, scope, receive, send, payload)
+                status, sent = await self._forward_watching(route, scope, receive, send, envelope.payload_bytes)
                 upstream_s = time.perf_counter() - arrived - queue_s
             outcome = RequestStatus.CANCELLED if status == 499 else (
                 RequestStatus.ERROR if status >= 500 else RequestStatus.SUCCESS)
@@ -163,9 +192,9 @@ class RequestHandler:
             await send_json(send, status, {"error": rejected.reason, "retry_after": rejected.retry_after},
                             [(b"retry-after", str(rejected.retry_after).encode())])
         except UpstreamError as exc:
-            status = exc.status
+            status, detail = exc.status, exc.reason
             self.ledger.finish(record, RequestStatus.ERROR, time.time(), status)
-            await send_json(send, status, {"error": exc.reason})
+            await send_json(send, status, {"error": PUBLIC_UPSTREAM_ERRORS.get(status, "model server error")})
         except Exception:
             status = 500
             self.errors += 1
@@ -177,10 +206,11 @@ class RequestHandler:
             self.ledger.finish(record, RequestStatus.CANCELLED, time.time(), 499)
             self.on_change()
             self._log(route, status, arrived, workload=workload, request_idx=request_idx, bytes=sent,
-                      queue_ms=round(queue_s * 1000, 3), upstream_ms=round(upstream_s * 1000, 3))
+                      queue_ms=round(queue_s * 1000, 3), upstream_ms=round(upstream_s * 1000, 3),
+                      **({"error": detail} if detail else {}))
 
     async def _forward_watching(
-        self, route: Route, scope: Scope, receive: Receive, send: Send, payload: bytes
+        self, route: Route, scope: Scope, receive: Receive, send: Send, payload: bytes | bytearray
     ) -> tuple[int, int]:
         """Forward while watching for the client leaving; its departure cancels the upstream call.
         Returns status 499 when the client left before the answer was complete."""
@@ -202,8 +232,11 @@ class RequestHandler:
                     nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
-            query, headers = upstream_credentials_removed(scope) if self.verifier is not None else (
-                scope.get("query_string", b""), list(scope["headers"]))
+            client = scope.get("client")
+            query, headers = upstream_request(
+                scope["headers"], scope.get("query_string", b""), client_host=client[0] if client else None,
+                scheme=self.settings.scheme, strip_credentials=self.verifier is not None,
+            )
             try:
                 try:
                     result = await self.forwarder.forward(

@@ -4,7 +4,13 @@ Pure bookkeeping; time is passed in (wall-clock unix seconds, as Vast's `/delete
 them). This module owns the numbers the autoscaler is told about requests:
 
 - in-flight totals, kept O(1) per operation: `waiting_work` (admitted, not yet at the model),
-  `running_work` (at the model), `in_flight`, and `working_request_idxs`;
+  `running_work` (at the model), `in_flight`, and `working_request_idxs`. The work totals are exact:
+  kept as integers counting 2**-1074 (the smallest positive double, so every finite workload converts
+  without rounding) and turned into a float only when read (about 1 µs a request). A float running
+  sum drifts: after a 1e300-unit request finished, a running 1-unit request read as 0 (1e300 + 1 -
+  1e300 is 0 in floats), and 0.3 + 0.1 + 0.2 - 0.1 - 0.2 - 0.3 leaves 1e-16 behind; exact sums return to exactly 0 when everything has finished, and stay above 0 while any request
+  with a positive workload is in flight. Workloads must be finite and >= 0 (the caller clamps them,
+  `proxy.envelope.workload_of`);
 - the per-report counters Vast resets after each successful `/worker_status/` (`take_counters`,
   and `restore_counters` when the send failed, so nothing is lost):
   received work (`new_load` = received − withdrawn, floored at 0 like Vast's `received − cancelled`),
@@ -27,11 +33,29 @@ real one. `key` is a local counter from 1, unique per ledger, for everything int
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
+
+_SCALE_BITS: Final = 1074  # a finite double is an integer multiple of 2**-1074
+_ONE: Final = 1 << _SCALE_BITS
+
+
+def _units(workload: float) -> int:
+    """`workload` (finite, >= 0) as an exact integer multiple of 2**-1074."""
+    numerator, denominator = workload.as_integer_ratio()  # the denominator is a power of two
+    return numerator << (_SCALE_BITS - (denominator.bit_length() - 1))
+
+
+def _work(units: int) -> float:
+    """Exact units back to a float, correctly rounded; inf past the largest double."""
+    try:
+        return units / _ONE  # int / int: one correctly rounded division, no float overflow on the way
+    except OverflowError:
+        return math.inf
 
 
 class RequestStatus(StrEnum):
@@ -124,9 +148,9 @@ class Ledger:
         self._next_key = 1
         self._in_flight: dict[int, RequestRecord] = {}
         self._waiting_count = 0
-        self._waiting_work = 0.0
+        self._waiting_units = 0  # exact, see _units
         self._running_count = 0
-        self._running_work = 0.0
+        self._running_units = 0
         self._counters = Counters()
         self._num_received = 0
         # Cumulative work, never reset: online throughput and mean request size come from their growth.
@@ -144,7 +168,7 @@ class Ledger:
         record = self._new(route, workload, now, request_idx, reqnum, RequestStatus.CREATED)
         self._in_flight[record.key] = record
         self._waiting_count += 1
-        self._waiting_work += record.workload
+        self._waiting_units += _units(record.workload)
         self._num_received += 1
         self.received_total += record.workload
         self._add(received=record.workload)
@@ -176,7 +200,7 @@ class Ledger:
         record.work_started_at = now
         self._leave_waiting(record)
         self._running_count += 1
-        self._running_work += record.workload
+        self._running_units += _units(record.workload)
 
     def finish(self, record: RequestRecord, status: RequestStatus, now: float, http_status: int | None = None) -> bool:
         """End an in-flight request as Success, Error or Cancelled. False if it had already ended."""
@@ -204,12 +228,19 @@ class Ledger:
 
     @property
     def waiting_work(self) -> float:
-        # Clamped: rounding can leave a hair below zero while zero-weight requests remain.
-        return max(self._waiting_work, 0.0)
+        return _work(self._waiting_units)
 
     @property
     def running_work(self) -> float:
-        return max(self._running_work, 0.0)
+        return _work(self._running_units)
+
+    def work_ahead_of(self, record: RequestRecord) -> float:
+        """Running plus waiting work, less `record`'s own while it is in flight: exact, so a lone
+        request never sees a residue of other work ahead of it."""
+        units = self._waiting_units + self._running_units
+        if record.in_flight and self._in_flight.get(record.key) is record:
+            units -= _units(record.workload)
+        return _work(units)
 
     @property
     def waiting(self) -> int:
@@ -277,14 +308,18 @@ class Ledger:
         reqnum: int | None,
         status: RequestStatus,
     ) -> RequestRecord:
-        if not workload >= 0.0:  # also rejects NaN, which would poison every total
-            raise ValueError(f"workload must be a non-negative number, got {workload!r}")
+        try:
+            value = float(workload)
+        except (OverflowError, TypeError, ValueError):
+            value = math.nan
+        if not (value >= 0.0 and math.isfinite(value)):  # NaN or inf would poison every total
+            raise ValueError(f"workload must be a finite non-negative number, got {workload!r}")
         record = RequestRecord(
             key=self._next_key,
             request_idx=request_idx,
             reqnum=reqnum,
             route=route,
-            workload=float(workload),
+            workload=value,
             status=status,
             entered_queue_at=now,
         )
@@ -298,8 +333,7 @@ class Ledger:
             self._leave_waiting(record)
         else:
             self._running_count -= 1
-            # Floating-point sums drift; an empty set of requests weighs exactly nothing.
-            self._running_work = self._running_work - record.workload if self._running_count else 0.0
+            self._running_units -= _units(record.workload)
         record.status = status
         record.work_completed_at = now
         record.http_status = http_status
@@ -308,7 +342,7 @@ class Ledger:
 
     def _leave_waiting(self, record: RequestRecord) -> None:
         self._waiting_count -= 1
-        self._waiting_work = self._waiting_work - record.workload if self._waiting_count else 0.0
+        self._waiting_units -= _units(record.workload)
 
     def _add(
         self, *, received: float = 0.0, withdrawn: float = 0.0, rejected: float = 0.0, served: float = 0.0

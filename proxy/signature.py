@@ -13,9 +13,19 @@ format is a setting, and `auto` tries every known one:
 
 Values are taken exactly as received (a `cost` of `242.0` and one of `"242"` sign differently).
 
-Message building is pure (`message_for`). `Verifier` adds the crypto, a bounded LRU of verified
-(signature, message) pairs (the url-only format makes one signature valid for every request to this
-worker, so the common case is a dict hit), and one retry after a key refresh (key rotation).
+Message building is pure (`message_for`) and bounded: a message longer than `AUTH_MAX_BYTES` is
+never built (its length is measured first by `proxy.envelope.json_size`, a walk that stops at the
+cap) and never tried; Vast's real messages are a few hundred bytes. Only `sorted` and `legacy` sign
+`reqnum` (`signs_reqnum`): with `url`, the reqnum is the client's to choose, which the replay window
+must know (`proxy/replay.py`).
+
+`Verifier` adds the crypto, a bounded LRU of verified (signature, message) pairs (the url-only
+format makes one signature valid for every request to this worker, so the common case is a dict
+hit), and one retry after a key refresh (key rotation). Messages are built lazily in the order
+`url`, `sorted`, `legacy` (cheapest first), stopping at the first cached pair. The signature text
+must be canonical base64 (what Python's `base64.b64encode` writes: alphabet, padding and zero
+unused bits), so one signature has one spelling; `VerifyResult.signature_bytes` carries the decoded
+bytes for the replay window.
 """
 
 from __future__ import annotations
@@ -37,31 +47,81 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from proxy.envelope import AuthData
+from proxy.envelope import AUTH_MAX_BYTES, AUTH_MAX_DEPTH, AuthData, json_size
 
-FORMATS: Final = ("url", "sorted", "legacy")  # also the order `auto` tries them in
+FORMATS: Final = ("url", "sorted", "legacy")  # also the order `auto` tries them in (cheapest first)
+_SIGNS_REQNUM: Final = frozenset(("sorted", "legacy"))
 _LEGACY_KEYS: Final = ("cost", "endpoint", "reqnum", "url")
 _UNSIGNED_KEYS: Final = frozenset(("signature", "__request_id"))
+_INDENT: Final = 4
+_URL_FRAME: Final = len(b'{\n    "url": \n}')
 
 _log = structlog.get_logger("proxy.signature")
 
 
-def message_for(fmt: str, auth_raw: Mapping[str, Any]) -> bytes:
-    """The exact bytes the Vast system signs for `auth_raw` (the received `auth_data` object) in `fmt`."""
+def signs_reqnum(fmt: str | None) -> bool:
+    """Whether a signature in `fmt` covers `auth_data.reqnum` (else the client chose it freely)."""
+    return fmt in _SIGNS_REQNUM
+
+
+def message_for(fmt: str, auth_raw: Mapping[str, Any], max_bytes: int = AUTH_MAX_BYTES) -> bytes | None:
+    """The exact bytes the Vast system signs for `auth_raw` (the received `auth_data` object) in `fmt`,
+    or None when they would be longer than `max_bytes` (or `auth_raw` holds something that is not
+    JSON data): such a message is not built, and not tried.
+
+    Safe on any input, however large or deep: the length is measured by a walk that stops at
+    `max_bytes` before anything is serialised.
+    """
     if fmt == "url":
         url = auth_raw.get("url")
         if type(url) is str:
             # The same bytes as json.dumps({"url": url}, indent=4, sort_keys=True), without the
             # pure-Python indenting encoder: this runs on every request.
-            return b'{\n    "url": ' + json.dumps(url).encode() + b"\n}"
-        return json.dumps({"url": url}, indent=4, sort_keys=True).encode()
+            if len(url) + 2 + _URL_FRAME > max_bytes:  # the quoted url is at least this long
+                return None
+            text = b'{\n    "url": ' + json.dumps(url).encode() + b"\n}"
+            return text if len(text) <= max_bytes else None
+        return _bounded_dump({"url": url}, max_bytes, sort_keys=True)
     if fmt == "sorted":
+        # Each key costs more than one byte of the message: a mapping with more keys than
+        # `max_bytes` cannot fit, and copying it would be unbounded work.
+        if len(auth_raw) > max_bytes:
+            return None
         message: dict[str, Any] = {k: v for k, v in auth_raw.items() if k not in _UNSIGNED_KEYS}
-        return json.dumps(message, indent=4, sort_keys=True).encode()
+        return _bounded_dump(message, max_bytes, sort_keys=True)
     if fmt == "legacy":
         message = {k: auth_raw.get(k) for k in _LEGACY_KEYS}
-        return json.dumps(message, indent=4).encode()
+        return _bounded_dump(message, max_bytes, sort_keys=False)
     raise ValueError(f"unknown signature format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _bounded_dump(message: dict[str, Any], max_bytes: int, *, sort_keys: bool) -> bytes | None:
+    # The message has one level more than any value in it; AUTH_MAX_DEPTH bounds the indenting
+    # encoder's recursion (it is pure Python) as well as the work.
+    if json_size(message, limit=max_bytes, max_depth=AUTH_MAX_DEPTH, indent=_INDENT) is None:
+        return None
+    text = json.dumps(message, indent=_INDENT, sort_keys=sort_keys).encode()
+    # The walk is exact; this only keeps the promise should the two ever disagree.
+    return text if len(text) <= max_bytes else None
+
+
+def decode_signature(text: str) -> bytes | None:
+    """The bytes of a canonical base64 signature, or None.
+
+    Canonical: the standard alphabet, `=` padding to a multiple of 4, unused bits zero: exactly what
+    `base64.b64encode` writes, so that the same bytes have one spelling (`b64decode` alone accepts
+    16 spellings of a 256-byte signature, which a replay window keyed on the text would count as 16
+    requests).
+    """
+    if not text.isascii():
+        return None
+    try:
+        decoded = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if base64.b64encode(decoded) != text.encode("ascii"):
+        return None
+    return decoded
 
 
 def load_public_key(pem: bytes | str) -> RSAPublicKey:
@@ -249,6 +309,9 @@ class VerifyResult:
     ok: bool
     reason: str  # "ok" or why not, fit for a log line (never contains the signature)
     fmt: str | None  # the format that verified
+    # The decoded signature (canonical base64, so one value per signature): the replay window's key.
+    # Set whenever the text decoded, so always when `ok`.
+    signature_bytes: bytes | None = None
 
 
 class Verifier:
@@ -267,7 +330,9 @@ class Verifier:
         self._formats = FORMATS if fmt == "auto" else (fmt,)
         self._expected_url = expected_url.rstrip("/") if expected_url is not None else None
         self._cache_size = cache_size
-        self._cache: OrderedDict[tuple[str, bytes], str] = OrderedDict()  # (signature, message) -> format
+        # (signature bytes, message) -> format. Keyed on the decoded bytes: a non-canonical spelling
+        # never decodes, so it can neither hit nor fill the cache.
+        self._cache: OrderedDict[tuple[bytes, bytes], str] = OrderedDict()
         self._cache_key: RSAPublicKey | None = None  # the key the cached pairs were verified with
 
     async def verify(self, auth: AuthData) -> VerifyResult:
@@ -279,40 +344,41 @@ class Verifier:
             await trio.lowlevel.checkpoint()
             return VerifyResult(False, "public key not loaded", None)
 
+        signature = decode_signature(auth.signature)
+        if signature is None:
+            await trio.lowlevel.checkpoint()
+            return VerifyResult(False, "bad signature encoding", None)
+
         messages: list[tuple[str, bytes]] = []
         if key is not self._cache_key:
             # Pairs verified with a previous key must not outlive its rotation.
             self._cache.clear()
             self._cache_key = key
-        # Messages are built lazily: a cached url-only pair needs one message and one lookup.
+        # Messages are built lazily, cheapest first: a cached url-only pair needs one message and
+        # one lookup. A message over the cap is not built (None) and not tried.
         for fmt in self._formats:
             message = message_for(fmt, auth.raw)
-            if (auth.signature, message) in self._cache:
-                self._cache.move_to_end((auth.signature, message))
+            if message is None:
+                continue
+            if (signature, message) in self._cache:
+                self._cache.move_to_end((signature, message))
                 await trio.lowlevel.checkpoint()
-                return VerifyResult(True, "ok", fmt)
+                return VerifyResult(True, "ok", fmt, signature)
             messages.append((fmt, message))
 
-        try:
-            signature = base64.b64decode(auth.signature, validate=True)
-        except (binascii.Error, ValueError):
-            await trio.lowlevel.checkpoint()
-            return VerifyResult(False, "bad signature encoding", None)
-        fmt = self._check(key, auth.signature, signature, messages)
+        fmt = self._check(key, signature, messages)
         if fmt is not None:
             await trio.lowlevel.checkpoint()
         elif await self._source.refresh():
             # Only a key that actually changed is worth a second round of crypto.
             key = self._source.current()
             if key is not None:
-                fmt = self._check(key, auth.signature, signature, messages)
+                fmt = self._check(key, signature, messages)
         if fmt is None:
-            return VerifyResult(False, "signature mismatch", None)
-        return VerifyResult(True, "ok", fmt)
+            return VerifyResult(False, "signature mismatch", None, signature)
+        return VerifyResult(True, "ok", fmt, signature)
 
-    def _check(
-        self, key: RSAPublicKey, text: str, signature: bytes, messages: list[tuple[str, bytes]]
-    ) -> str | None:
+    def _check(self, key: RSAPublicKey, signature: bytes, messages: list[tuple[str, bytes]]) -> str | None:
         # In the event loop on purpose: a 2048-bit PKCS#1 v1.5 verify is tens of microseconds,
         # less than a thread hand-off would cost.
         for fmt, message in messages:
@@ -320,18 +386,18 @@ class Verifier:
                 key.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
             except (InvalidSignature, ValueError, TypeError):
                 continue
-            self._remember(key, text, message, fmt)
+            self._remember(key, signature, message, fmt)
             return fmt
         return None
 
-    def _remember(self, key: RSAPublicKey, text: str, message: bytes, fmt: str) -> None:
+    def _remember(self, key: RSAPublicKey, signature: bytes, message: bytes, fmt: str) -> None:
         if self._cache_size <= 0:
             return
         if key is not self._cache_key:
             self._cache.clear()
             self._cache_key = key
-        self._cache[(text, message)] = fmt
-        self._cache.move_to_end((text, message))
+        self._cache[(signature, message)] = fmt
+        self._cache.move_to_end((signature, message))
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 

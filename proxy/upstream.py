@@ -1,28 +1,38 @@
 """A small keep-alive HTTP/1.1 client for one upstream origin (the model server), for trio.
 
-It replaces httpcore + h11 on the proxy's hot path: their pool walks every connection per request
-(a poll() per idle socket, and a quadratic keep-alive count: encode/httpcore#1035), and h11's event
-machinery costs more than the little the proxy needs, which is:
+It owns the pool and the sockets; the answers are parsed by llhttp (through `httptools`, as uvicorn
+does), not by hand. httpcore + h11 cost too much on the proxy's hot path: their pool walks every
+connection per request (a poll() per idle socket, and a quadratic keep-alive count:
+encode/httpcore#1035), and h11's event machinery costs more than the little the proxy needs, which is:
 
 - a pool: a LIFO stack of idle connections (bounded; the top one is the most recently used, so
   when it is past its idle expiry all below it are too). Nothing scans the pool per request: the
   popped connection is checked (its age, and one poll() of its own socket, with no wait: a server
   that closed it while idle has left an EOF there), and the oldest one is trimmed when a connection
-  comes back.
+  comes back. The idle expiry (4 s by default) is kept below common servers' keep-alive timeouts
+  (uvicorn: 5 s), so the server rarely closes a connection just as a request goes out on it.
 - a request: the head and a small body in one write.
-- a response: the head (64 KiB at most), 1xx interim answers skipped, then the body framed per
-  RFC 9112 §6.3 (none for HEAD / 1xx / 204 / 304; chunked, decoded incrementally and handed out as
-  soon as each piece arrives; Content-Length; or until the server closes), read in pieces.
+- an answer, parsed by llhttp in strict mode: a bare LF, obs-fold, whitespace before a field's colon
+  or in a chunk-size line, control bytes in a value, conflicting or repeated Content-Length, or
+  Content-Length with Transfer-Encoding are refused at once (502), never waited on. The bounds are
+  shepherd's own: the heads of one answer (1xx interim ones included) are 64 KiB at most, there are
+  at most 16 interim answers, and after the head at most 64 KiB in a row (counted per read, so up to
+  one read more) may arrive without body data (chunk extensions, trailers, which are dropped).
+  Only 1xx-5xx statuses and HTTP/1.0 or 1.1 are accepted, and 101 (switching protocols) is
+  refused. The body is handed out as soon as each piece arrives. Transfer codings other than chunked are not undone: they are named in `codings`
+  for the relay to pass on as content codings (see `proxy.forward`); an unknown one is refused.
 
-A connection goes back to the pool only when its response was read to the end, both sides spoke
-HTTP/1.1 keep-alive and nothing unexpected followed the response; otherwise, and whenever the
-exchange is abandoned (an error, a cancelled request), it is closed at once.
+A connection goes back to the pool only when its answer was read to the end, both sides spoke
+HTTP/1.1 keep-alive and nothing followed the answer; otherwise, and whenever the exchange is
+abandoned (an error, a cancelled request), it is closed at once. A HEAD answer's connection is not
+reused either: httptools cannot tell llhttp that the answer has no body, so parsing stops at the
+end of its head and what may follow it is unknown.
 
-A pooled connection the server closed just as the request went out (its keep-alive timer raced the
-request: the write fails, or EOF / reset arrives before any byte of an answer) is retried once on a
-fresh connection. If that fresh connection is then refused although the request had been written,
-the server died with the request on it: that is reported as a broken connection, not as a refused
-one (the request may have reached it, and a refused request is sent again after the restart).
+A request is never sent twice unless it provably never left: only when writing it to a pooled
+connection failed before a single byte was written (the server had reset the connection) is it
+written again, once, to a fresh connection. A request written whole, or in part, is not repeated
+(a POST to a model server is not idempotent: it could run twice). When a write fails, an answer the
+server sent before it stopped reading (a 413, then a close) is read and returned as the answer.
 
 Errors are `UpstreamFailure` subclasses; `proxy.forward` maps them to 502 / 504.
 """
@@ -38,29 +48,29 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
+import httptools
 import trio
 
-MAX_HEAD = 64 * 1024  # response head (status line + fields), and a chunk-size line or trailer section
+MAX_HEAD = 64 * 1024  # the answer's heads (interim ones included); also bytes in a row after it with no data
 MAX_INTERIM = 16  # 1xx answers before the final one
 RECEIVE_SIZE = 64 * 1024
 SMALL_BODY = 64 * 1024  # a body up to this size is written with the head, in one send
+# After a failed write: how long an answer the server may have sent is waited for. After a reset or
+# a close it is already there (or never comes) and nothing waits; only a server that stopped reading
+# but kept the connection open is waited on this long.
+EARLY_ANSWER_WAIT = 1.0
 
 # RFC 9110 §5.6.2 token (field names, methods); a field value must not hold NUL, CR or LF.
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]")
 # Bytes that may not appear raw in a request target (controls, space, DEL, non-ASCII).
 _UNSAFE_TARGET = re.compile(rb"[\x00-\x20\x7f-\xff]")
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [^\x00\r\n]*)?")
-# A field value, once stripped of SP / HTAB at both ends, may not hold NUL nor other whitespace
-# than SP / HTAB (h11's rule: hypercorn would refuse to relay anything else).
-_BAD_FIELD_VALUE = re.compile(rb"[\x00\n\r\f\v]")
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
+# Transfer codings (IANA registry) that are also content codings: passed on, not decoded.
+_PASSED_CODINGS = frozenset({b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"})
 
 
 class UpstreamFailure(Exception):
-    """The exchange with the upstream failed. `before_response`: no byte of an answer had come."""
-
-    before_response = False
+    """The exchange with the upstream failed."""
 
 
 class ConnectRefused(UpstreamFailure):
@@ -86,10 +96,9 @@ class WriteTimeout(UpstreamFailure):
 class Disconnected(UpstreamFailure):
     """The connection broke or closed (EOF, reset, TLS error) before the exchange was complete."""
 
-    def __init__(self, reason: str, before_response: bool = False, unsent: bool = False) -> None:
+    def __init__(self, reason: str, unsent: bool = False) -> None:
         super().__init__(reason)
-        self.before_response = before_response
-        self.unsent = unsent  # writing the request failed: it never reached the server whole
+        self.unsent = unsent  # writing the request failed before a single byte of it was written
 
 
 class ProtocolFailure(UpstreamFailure):
@@ -101,8 +110,8 @@ def _lost(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" + (f" ({cause})" if cause is not None and str(cause) else "")
 
 
-def _send_failed(exc: BaseException) -> Disconnected:
-    return Disconnected(f"sending the request failed ({_lost(exc)})", before_response=True, unsent=True)
+def _send_failed(exc: BaseException, unsent: bool) -> Disconnected:
+    return Disconnected(f"sending the request failed ({_lost(exc)})", unsent=unsent)
 
 
 class Connection:
@@ -113,24 +122,24 @@ class Connection:
     when it would block (the wait is the cancellation point): a request's write nearly always
     completes at once, and a body's data is often there already."""
 
-    __slots__ = ("sock", "buf", "idle_since", "drained")
+    __slots__ = ("sock", "idle_since", "drained")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.buf = bytearray()  # received and not yet consumed
         self.idle_since = 0.0
         # The last read took all the socket held (or a request has just gone): the next read
         # waits at once rather than first trying a read that would only fail.
         self.drained = True
 
     async def send_all(self, data: bytes, timeout: float) -> None:
+        """Write all of `data`. A failure says `unsent` only when not one byte of it was written."""
         sock = self.sock
         try:
             sent = sock.send(data)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            raise _send_failed(exc) from None
+            raise _send_failed(exc, unsent=True) from None
         self.drained = True  # no answer can be there yet
         if sent == len(data):
             return
@@ -142,23 +151,23 @@ class Connection:
                 except BlockingIOError:
                     pass
                 except OSError as exc:
-                    raise _send_failed(exc) from None
+                    raise _send_failed(exc, unsent=sent == 0) from None
             return
         if scope.cancelled_caught:
             raise WriteTimeout(f"sending the request took over {timeout:g}s")
 
-    async def receive(self, timeout: float | None) -> bytes:
-        """Some bytes, or b"" at EOF."""
+    async def receive(self, deadline: float) -> bytes:
+        """Some bytes, or b"" at EOF. `deadline` is on trio's clock (math.inf: none); past it,
+        ReadTimeout, which the caller words."""
         if not self.drained:
             data = self._recv_now()
             if data is not None:
                 return data
-        if timeout is None:
+        if deadline == math.inf:
             return await self._wait_and_receive()
-        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+        with trio.CancelScope(deadline=deadline):
             return await self._wait_and_receive()
-        assert scope.cancelled_caught
-        raise ReadTimeout(f"no data from the model server for {timeout:g}s")
+        raise ReadTimeout
 
     def _recv_now(self) -> bytes | None:
         """What the socket holds right now; None when it would block."""
@@ -207,18 +216,18 @@ class TLSConnection(Connection):
                 await self.stream.send_all(data)
                 return
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise _send_failed(exc) from None
+            # The TLS layer does not say how much went out: the request may have been delivered.
+            raise _send_failed(exc, unsent=False) from None
         if scope.cancelled_caught:
             raise WriteTimeout(f"sending the request took over {timeout:g}s")
 
-    async def receive(self, timeout: float | None) -> bytes:
+    async def receive(self, deadline: float) -> bytes:
         try:
-            with trio.CancelScope(deadline=trio.current_time() + timeout if timeout is not None else math.inf) as scope:
+            with trio.CancelScope(deadline=deadline):
                 return await self.stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise Disconnected(f"connection lost ({_lost(exc)})") from None
-        assert scope.cancelled_caught
-        raise ReadTimeout(f"no data from the model server for {timeout:g}s")
+        raise ReadTimeout
 
     def is_stale(self) -> bool:
         try:
@@ -230,182 +239,220 @@ class TLSConnection(Connection):
         self.sock.close()  # a trio socket: it notifies waiters itself; no close_notify is sent
 
 
+class _Stop(Exception):
+    """Raised in a parser callback to stop llhttp: the answer is over (HEAD), or bytes follow it."""
+
+
 class Response:
     """One exchange on a checked-out connection: the final answer's head, then its body in pieces.
 
-    `complete` turns True when the body has been read to its end."""
+    It is the httptools protocol object: llhttp calls its `on_*` methods as it parses what is fed.
+    `complete` turns True when the body has been parsed to its end and handed out whole."""
 
-    __slots__ = ("status", "headers", "content_length", "keep_alive", "complete", "conn", "timeout",
-                 "_mode", "_left", "_state", "_trailer", "_fault")
+    __slots__ = ("status", "headers", "content_length", "codings", "keep_alive", "conn",
+                 "idle_timeout", "_parser", "_head_only", "_head_done", "_head_bytes", "_interim",
+                 "_until_close", "_ended", "_pieces", "_framing_bytes", "_fault")
 
-    # body modes
-    LENGTH, CHUNKED, UNTIL_CLOSE = 1, 2, 3
-    # chunked decoding states
-    _SIZE, _DATA, _DATA_END, _TRAILER, _BROKEN = 0, 1, 2, 3, 4
-
-    def __init__(self, conn: Connection, timeout: float | None) -> None:
+    def __init__(self, conn: Connection, method: bytes, idle_timeout: float | None) -> None:
         self.conn = conn
-        self.timeout = timeout
+        self.idle_timeout = idle_timeout  # between two receives of the body; None: no limit
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []  # names lowercased, hop-by-hop fields included
         self.content_length: int | None = None  # the upstream's Content-Length, when it framed the body
+        self.codings: list[bytes] = []  # transfer codings other than chunked, in the order applied
         self.keep_alive = False
-        self.complete = False
-        self._mode = 0
-        self._left = 0
-        self._state = self._SIZE
-        self._trailer = 0
-        self._fault: ProtocolFailure | None = None
+        self._ended = False  # llhttp has parsed the whole answer
+        # It holds this object's bound methods: a reference cycle, broken (`_end`) as soon as the
+        # answer is parsed, so that an exchange leaves no garbage for the cyclic collector.
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self._head_only = method == b"HEAD"
+        self._head_done = False  # the final (non-1xx) head is parsed
+        self._head_bytes = 0  # fed before the final head was done
+        self._interim = 0
+        self._until_close = False  # the body ends when the server closes the connection
+        self._pieces: list[bytes] = []  # body data parsed and not yet handed out
+        self._framing_bytes = 0  # fed in a row after the head without body data coming of it
+        self._fault: UpstreamFailure | None = None  # raised once the pieces before it are handed out
+
+    # -- llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        if self._ended:
+            raise _Stop  # bytes after the answer: it is whole, but the connection is out of step
+        self.headers = []  # after an interim answer, the final one's fields
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._head_done:  # after the head: trailer fields, which are dropped
+            # llhttp leaves trailing whitespace in the value; h11 (hypercorn) would refuse to relay it
+            self.headers.append((name.lower(), value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None  # only parsing calls this
+        status = parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise ProtocolFailure(f"status {status} out of range")
+        if status == 101:
+            raise ProtocolFailure("the model server switched protocols (101), which is not supported")
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise ProtocolFailure(f"HTTP/{version} is not supported")
+        if status < 200:
+            return  # 100 Continue, 102, 103: interim, llhttp reads it as a message with no body
+        self.status = status
+        self._head_done = True
+        self.keep_alive = version == "1.1" and parser.should_keep_alive()
+        self._frame()
+        if self._head_only:
+            self._end()
+            self.keep_alive = False  # what follows the head cannot be told apart from a body
+            raise _Stop
+
+    def on_body(self, body: bytes) -> None:
+        self._pieces.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._head_done:
+            self._end()
+            return
+        self._interim += 1
+        if self._interim > MAX_INTERIM:
+            raise ProtocolFailure(f"over {MAX_INTERIM} interim (1xx) responses")
+
+    def _end(self) -> None:
+        """The whole answer is parsed. Safe in a callback: the running feed holds the parser."""
+        self._ended = True
+        self._parser = None
+
+    def drop_parser(self) -> None:
+        """For an exchange given up before its end: break the parser's reference cycle."""
+        self._parser = None
+
+    def _frame(self) -> None:
+        """What the body's framing means for the relay: its length, its transfer codings, and
+        whether only the server's close ends it. llhttp has checked the framing fields already."""
+        codings: list[bytes] = []
+        length: bytes | None = None
+        for name, value in self.headers:
+            if name == b"transfer-encoding":
+                codings += (c for c in (t.strip(b" \t").lower() for t in value.split(b",")) if c)
+            elif name == b"content-length":
+                length = value
+        status = self.status
+        no_body = self._head_only or status == 204 or status == 304
+        if codings:
+            chunked = codings[-1] == b"chunked"
+            self.codings = codings[:-1] if chunked else codings
+            for coding in self.codings:
+                if coding not in _PASSED_CODINGS:
+                    # chunked twice or not last, identity, or a coding a client could not be told of
+                    raise ProtocolFailure(f"unsupported transfer coding {coding[:40]!r}")
+            self._until_close = not chunked and not no_body
+        elif length is not None:
+            if status != 204 and status != 304:
+                self.content_length = int(length)  # for HEAD: the length a GET would get (informative)
+        else:
+            self._until_close = not no_body
+
+    # -- feeding llhttp
+
+    def _feed(self, data: bytes) -> None:
+        """Parse `data`: the callbacks fill in the head, the body pieces and `complete`."""
+        parser = self._parser
+        if parser is None:
+            self.keep_alive = False  # bytes after the answer
+            return
+        try:
+            parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            cause = exc.__context__
+            if isinstance(cause, ProtocolFailure):
+                failure = cause
+            elif self._ended:
+                self.keep_alive = False  # bytes after the answer (or a HEAD's head done)
+                return
+            else:
+                failure = ProtocolFailure(f"malformed answer from the model server ({exc})")
+            if self._pieces and self._head_done:
+                self._fault = failure  # the data before the fault is relayed first
+                return
+            raise failure from None
+
+    def _feed_head(self, data: bytes) -> None:
+        """Feed bytes while the final head is not done: it must be done within MAX_HEAD bytes."""
+        budget = MAX_HEAD - self._head_bytes
+        if len(data) <= budget:
+            self._feed(data)
+            if not self._head_done:
+                self._head_bytes += len(data)
+            return
+        self._feed(data[:budget])
+        if not self._head_done:
+            raise ProtocolFailure(f"response head over {MAX_HEAD} bytes")
+        self._feed(data[budget:])
+
+    def _feed_body(self, data: bytes) -> None:
+        """Feed body bytes: MAX_HEAD of them in a row that yield no data (an endless chunk
+        extension or trailer section) end the exchange."""
+        self._feed(data)
+        if self._pieces or self._ended:
+            self._framing_bytes = 0
+            return
+        self._framing_bytes += len(data)
+        if self._framing_bytes > MAX_HEAD:
+            raise ProtocolFailure(f"over {MAX_HEAD} bytes of chunk framing or trailers without data")
 
     # -- the head
 
-    async def read_head(self, method: bytes) -> None:
+    async def read_head(self, timeout: float | None) -> None:
+        """Read up to the final answer's head; `timeout` bounds the whole of it."""
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
         conn = self.conn
-        buf = conn.buf
-        for _ in range(MAX_INTERIM + 1):
-            searched = 0
-            while (end := buf.find(b"\r\n\r\n", searched)) < 0:
-                if len(buf) > MAX_HEAD:
-                    raise ProtocolFailure(f"response head over {MAX_HEAD} bytes")
-                searched = max(len(buf) - 3, 0)
-                try:
-                    data = await conn.receive(self.timeout)
-                except Disconnected as exc:
-                    exc.before_response = not buf and self.status == 0  # reset before any answer
-                    raise
-                if not data:
-                    raise Disconnected("the model server closed the connection before answering",
-                                       before_response=not buf and self.status == 0)
-                buf += data
-            if end > MAX_HEAD:
-                raise ProtocolFailure(f"response head over {MAX_HEAD} bytes")
-            head = bytes(buf[:end])
-            del buf[:end + 4]
-            http11 = self._parse_head(head)
-            if self.status >= 200:
-                self._frame(method, http11)
-                return
-            if self.status == 101:
-                raise ProtocolFailure("the model server switched protocols (101), which is not supported")
-            # 100 Continue, 102, 103: interim, the final answer follows
-        raise ProtocolFailure(f"over {MAX_INTERIM} interim (1xx) responses")
-
-    def _parse_head(self, head: bytes) -> bool:
-        lines = head.split(b"\r\n")
-        match = _STATUS_LINE.fullmatch(lines[0])
-        if match is None:
-            raise ProtocolFailure(f"malformed status line {lines[0][:100]!r}")
-        self.status = int(match[2])
-        headers: list[tuple[bytes, bytes]] = []
-        for i in range(1, len(lines)):
-            line = lines[i]
-            if line[:1] in (b" ", b"\t"):
-                # obs-fold (RFC 9112 §5.2): the line continues the previous value
-                more = line.strip(b" \t")
-                if not headers or _BAD_FIELD_VALUE.search(more) is not None:
-                    raise ProtocolFailure(f"malformed header line {line[:100]!r}")
-                name, value = headers[-1]
-                headers[-1] = (name, value + b" " + more if value else more)
-                continue
-            name, colon, value = line.partition(b":")
-            # whitespace before the colon is tolerated and removed (RFC 9112 §5.1, for a proxy)
-            name = name.rstrip(b" \t")
-            value = value.strip(b" \t")
-            if not colon or _TOKEN.fullmatch(name) is None or _BAD_FIELD_VALUE.search(value) is not None:
-                raise ProtocolFailure(f"malformed header line {line[:100]!r}")
-            headers.append((name.lower(), value))
-        self.headers = headers
-        return match[1] == b"1"
-
-    def _frame(self, method: bytes, http11: bool) -> None:
-        """The body's framing (RFC 9112 §6.3) and whether the connection can be reused."""
-        connection: list[bytes] = []
-        codings: list[bytes] = []
-        lengths: list[bytes] = []
-        for name, value in self.headers:
-            if name == b"connection":
-                connection += (t.strip().lower() for t in value.split(b","))
-            elif name == b"transfer-encoding":
-                codings += (t.strip().lower() for t in value.split(b","))
-            elif name == b"content-length":
-                lengths += (t.strip() for t in value.split(b","))
-        keep_alive = http11 and b"close" not in connection
-        status = self.status
-        if method == b"HEAD" or status in (204, 304):
-            self._mode, self.complete = self.LENGTH, True
-            if lengths and lengths[0].isdigit() and method == b"HEAD":
-                self.content_length = int(lengths[0])  # the size a GET would get (informative)
-        elif codings:
-            if codings[-1] == b"chunked":
-                self._mode = self.CHUNKED
-            else:
-                self._mode, keep_alive = self.UNTIL_CLOSE, False
-            if lengths:
-                keep_alive = False  # both framings: Transfer-Encoding wins, and the connection is suspect
-        elif lengths:
-            if not all(v.isdigit() and v.isascii() for v in lengths) or len(set(lengths)) > 1:
-                raise ProtocolFailure(f"invalid Content-Length {b', '.join(lengths)[:100]!r}")
-            self._mode = self.LENGTH
-            self._left = self.content_length = int(lengths[0])
-            self.complete = self._left == 0
-        else:
-            self._mode, keep_alive = self.UNTIL_CLOSE, False
-        self.keep_alive = keep_alive
+        while not self._head_done:
+            try:
+                data = await conn.receive(deadline)
+            except ReadTimeout:
+                raise ReadTimeout(f"no answer from the model server within {timeout:g}s") from None
+            if not data:
+                raise Disconnected("the model server closed the connection before answering")
+            self._feed_head(data)
 
     # -- the body
 
     async def read_some(self) -> bytes:
         """The body bytes available next (waiting for some when none are); b"" once it is complete.
         After a call, `complete` says whether the body ended with it."""
-        if self.complete:
+        if self._pieces:
+            return self._take()
+        if self._fault is not None:
+            raise self._fault
+        if self._ended:
             return b""
-        conn = self.conn
-        buf = conn.buf
-        mode = self._mode
-        if mode == self.LENGTH:
-            left = self._left
-            if buf:
-                if len(buf) <= left:
-                    data = bytes(buf)
-                    buf.clear()
-                else:
-                    data = bytes(buf[:left])
-                    del buf[:left]
-            else:
-                data = await conn.receive(self.timeout)
-                if not data:
-                    raise Disconnected(f"the model server closed the connection {left} bytes before the end "
-                                       "of the body")
-                if len(data) > left:
-                    buf += data[left:]  # more than announced: kept, so the connection is not reused
-                    data = data[:left]
-            self._left = left - len(data)
-            self.complete = self._left == 0
-            return data
-        if mode == self.CHUNKED:
-            pieces: list[bytes] = []
-            while True:
-                try:
-                    self._dechunk(buf, pieces)
-                except ProtocolFailure as exc:
-                    if not pieces:
-                        raise
-                    self._state, self._fault = self._BROKEN, exc  # what came before the fault goes out first
-                    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                if pieces or self.complete:
-                    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                data = await conn.receive(self.timeout)
-                if not data:
-                    raise Disconnected("the model server closed the connection inside a chunked body")
-                buf += data
-        # until close
-        if buf:
-            data = bytes(buf)
-            buf.clear()
-            return data
-        data = await conn.receive(self.timeout)
-        if not data:
-            self.complete = True
+        timeout = self.idle_timeout
+        while True:
+            try:
+                data = await self.conn.receive(math.inf if timeout is None else trio.current_time() + timeout)
+            except ReadTimeout:
+                raise ReadTimeout(f"no data from the model server for {timeout:g}s") from None
+            if not data:
+                if self._until_close:
+                    self._end()
+                    return b""
+                raise Disconnected("the model server closed the connection before the end of the body")
+            self._feed_body(data)
+            if self._pieces or self._ended:
+                return self._take()
+            if self._fault is not None:
+                raise self._fault
+
+    @property
+    def complete(self) -> bool:
+        return self._ended and not self._pieces
+
+    def _take(self) -> bytes:
+        pieces = self._pieces
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
         return data
 
     async def read_all(self) -> bytes:
@@ -413,60 +460,6 @@ class Response:
         while not self.complete:
             pieces.append(await self.read_some())
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-    def _dechunk(self, buf: bytearray, pieces: list[bytes]) -> None:
-        """Decode what `buf` holds of a chunked body: chunk data goes to `pieces` (extensions are
-        ignored, trailers read and dropped); stops when more bytes are needed or the body is over."""
-        state = self._state
-        while True:
-            if state == self._DATA:
-                if not buf:
-                    break
-                left = self._left
-                if len(buf) <= left:
-                    piece = bytes(buf)
-                    buf.clear()
-                else:
-                    piece = bytes(buf[:left])
-                    del buf[:left]
-                pieces.append(piece)
-                self._left = left = left - len(piece)
-                if left:
-                    break
-                state = self._DATA_END
-            elif state == self._DATA_END:
-                if len(buf) < 2:
-                    break
-                if buf[0] != 13 or buf[1] != 10:
-                    raise ProtocolFailure("chunk data not followed by CRLF")
-                del buf[:2]
-                state = self._SIZE
-            elif state == self._SIZE:
-                eol = buf.find(b"\r\n")
-                if eol < 0:
-                    if len(buf) > MAX_HEAD:
-                        raise ProtocolFailure("chunk-size line too long")
-                    break
-                size_text = bytes(buf[:eol]).split(b";", 1)[0].strip(b" \t")
-                del buf[:eol + 2]
-                if _CHUNK_SIZE.fullmatch(size_text) is None:
-                    raise ProtocolFailure(f"malformed chunk size {size_text[:40]!r}")
-                self._left = int(size_text, 16)
-                state = self._DATA if self._left else self._TRAILER
-            elif state == self._BROKEN:
-                raise self._fault or ProtocolFailure("malformed chunked body")
-            else:  # trailer section: fields up to an empty line, dropped
-                eol = buf.find(b"\r\n")
-                if eol < 0:
-                    if self._trailer + len(buf) > MAX_HEAD:
-                        raise ProtocolFailure("trailer section too large")
-                    break
-                del buf[:eol + 2]
-                if eol == 0:
-                    self.complete = True
-                    break
-                self._trailer += eol + 2
-        self._state = state
 
 
 class Http11Client:
@@ -481,7 +474,7 @@ class Http11Client:
         *,
         max_connections: int = 1024,
         max_idle: int = 256,
-        idle_expiry: float = 60.0,
+        idle_expiry: float = 4.0,
         connect_timeout: float = 5.0,
         write_timeout: float = 30.0,
     ) -> None:
@@ -504,8 +497,10 @@ class Http11Client:
         while self._idle:
             self._idle.pop().close()
 
-    async def request(self, head: bytes, body: bytes, method: bytes, read_timeout: float | None) -> Response:
-        """Send one request (`head` ends with its blank line) and read the answer's head."""
+    async def request(self, head: bytes, body: bytes, method: bytes, head_timeout: float | None,
+                      idle_timeout: float | None) -> Response:
+        """Send one request (`head` ends with its blank line) and read the answer's head, which must
+        come within `head_timeout`; the body's reads then wait `idle_timeout` at most each."""
         try:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
@@ -514,9 +509,10 @@ class Http11Client:
             if scope.cancelled_caught:
                 raise PoolTimeout(
                     f"all {self._slots.max_value} connections busy for {self.connect_timeout:g}s") from None
-        return await self._request(head, body, method, read_timeout)
+        return await self._request(head, body, method, head_timeout, idle_timeout)
 
-    async def _request(self, head: bytes, body: bytes, method: bytes, read_timeout: float | None) -> Response:
+    async def _request(self, head: bytes, body: bytes, method: bytes, head_timeout: float | None,
+                       idle_timeout: float | None) -> Response:
         # holds a slot: released here on failure, by `release` otherwise
         conn: Connection | None = None
         try:
@@ -524,46 +520,60 @@ class Http11Client:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect()
-            message = head + body if len(body) <= SMALL_BODY else None
             while True:
-                response = Response(conn, read_timeout)
                 try:
-                    if message is not None:
-                        await conn.send_all(message, self.write_timeout)
-                    else:
-                        await conn.send_all(head, self.write_timeout)
-                        await conn.send_all(body, self.write_timeout)
-                    await response.read_head(method)
-                    return response
-                except Disconnected as exc:
-                    if not (reused and exc.before_response):
+                    await self._send(conn, head, body)
+                except (Disconnected, WriteTimeout) as failure:
+                    early = await self._early_answer(conn, method, idle_timeout)
+                    if early is not None:
+                        return early
+                    if not (reused and isinstance(failure, Disconnected) and failure.unsent):
                         raise
-                    # A pooled connection closed by the server as the request went out: once more on
-                    # a fresh one.
+                    # Not one byte went out on a pooled connection the server had reset: the
+                    # request provably never reached it, so once more on a fresh connection.
                     conn.close()
                     conn = None
                     reused = False
-                    try:
-                        conn = await self._connect()
-                    except ConnectRefused as refused:
-                        if exc.unsent:
-                            raise  # the request never got through: a refusal like any other
-                        # The request went out and the server is now down: it may have died of it,
-                        # so this is no refusal (a refusal is retried after the restart).
-                        raise Disconnected(f"the model server closed the connection with the request on it, "
-                                           f"and now refuses new ones ({refused})") from None
+                    conn = await self._connect()
+                    continue
+                response = Response(conn, method, idle_timeout)
+                await response.read_head(head_timeout)
+                return response
         except BaseException:
             if conn is not None:
                 conn.close()
             self._slots.release()
             raise
 
+    async def _send(self, conn: Connection, head: bytes, body: bytes) -> None:
+        if len(body) <= SMALL_BODY:
+            await conn.send_all(head + body, self.write_timeout)
+            return
+        await conn.send_all(head, self.write_timeout)
+        try:
+            await conn.send_all(body, self.write_timeout)
+        except Disconnected as exc:
+            exc.unsent = False  # the head went out
+            raise
+
+    async def _early_answer(self, conn: Connection, method: bytes, idle_timeout: float | None) -> Response | None:
+        """After a failed write: the answer the server sent before it stopped reading the request
+        (a 413 for a body it will not take, then a close), or None when there is none."""
+        response = Response(conn, method, idle_timeout)
+        try:
+            await response.read_head(EARLY_ANSWER_WAIT)
+        except UpstreamFailure:
+            return None
+        response.keep_alive = False  # the request was cut short: the connection is out of step
+        return response
+
     def release(self, response: Response) -> None:
         """End an exchange: the connection goes back to the pool if it can serve another request,
         else it is closed. Call exactly once per `request` that returned."""
         conn = response.conn
         self._slots.release()
-        if not (response.complete and response.keep_alive) or conn.buf or self._closed:
+        response.drop_parser()
+        if not (response.complete and response.keep_alive) or self._closed:
             conn.close()
             return
         idle = self._idle

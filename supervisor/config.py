@@ -227,6 +227,32 @@ SETTINGS: tuple[Setting, ...] = (
             "largest request body accepted (413 above)", "http", "N"),
     Setting("access_log", "ACCESS_LOG", "--access-log", _choice("info", "debug", "off"), "info",
             "level of the one-event-per-request access log", "http"),
+    Setting("skip_url_check", "SKIP_URL_CHECK", "--skip-url-check", _bool, False,
+            "secured mode without PUBLIC_IPADDR + VAST_TCP_PORT_<port>: accept a signature issued for any "
+            "worker's url (off by default: shepherd refuses to start instead)", "http", is_switch=True),
+    Setting("max_workload", "MAX_WORKLOAD", "--max-workload", _positive, 100_000.0,
+            "largest workload one request may claim (routes may set less); larger claims are clamped", "http", "N"),
+    # -- limits on the public port (SECURITY.md)
+    Setting("max_connections", "MAX_CONNECTIONS", "--max-connections", _int(1), 1000,
+            "client connections served at once; more are answered 503 and closed", "limits", "N"),
+    Setting("max_connections_per_ip", "MAX_CONNECTIONS_PER_IP", "--max-connections-per-ip", _int(1), 256,
+            "client connections one address may hold at once", "limits", "N"),
+    Setting("header_timeout", "HEADER_TIMEOUT", "--header-timeout", _positive, 10.0,
+            "seconds a client has to send a whole request head (and a TLS handshake)", "limits", "S"),
+    Setting("body_timeout", "BODY_TIMEOUT", "--body-timeout", _positive, 60.0,
+            "seconds a client has to send a whole request body once its head is in (408 after)", "limits", "S"),
+    Setting("body_bytes_in_flight", "MAX_BODY_BYTES_IN_FLIGHT", "--max-body-bytes-in-flight", _int(1),
+            256 * 1024 * 1024, "request body bytes held at once over all requests (503 above)", "limits", "N"),
+    Setting("allow_h2c", "ALLOW_H2C", "--allow-h2c", _bool, False,
+            "accept cleartext HTTP/2 (h2c upgrade, prior knowledge) on the public port", "limits", is_switch=True),
+    Setting("stream_head_timeout", "STREAM_HEAD_TIMEOUT", "--stream-head-timeout", _positive, 300.0,
+            "streaming routes: seconds the model server may take to start its answer (504 after)", "limits", "S"),
+    Setting("stream_idle_timeout", "STREAM_IDLE_TIMEOUT", "--stream-idle-timeout", _positive, 120.0,
+            "streaming routes: seconds of silence between two chunks before the stream is ended", "limits", "S"),
+    Setting("metrics_port", "METRICS_PORT", "--metrics-port", _int(0, 65535), 0,
+            "admin listener for /status and /metrics (and the probes); 0 = none", "limits", "PORT"),
+    Setting("metrics_host", "METRICS_HOST", "--metrics-host", _text, "127.0.0.1",
+            "address of the admin listener (0.0.0.0 for a Prometheus in the cluster)", "limits", "ADDR"),
     # -- warm-up benchmark
     Setting("skip_benchmark", "SKIP_BENCHMARK", "--skip-benchmark", _bool, False,
             "do not benchmark; report MAX_PERF as the capacity", "benchmark", is_switch=True),
@@ -300,6 +326,18 @@ class Config:
     replay_window: int
     max_body_bytes: int
     access_log: str
+    skip_url_check: bool
+    max_workload: float
+    max_connections: int
+    max_connections_per_ip: int
+    header_timeout: float
+    body_timeout: float
+    body_bytes_in_flight: int
+    allow_h2c: bool
+    stream_head_timeout: float
+    stream_idle_timeout: float
+    metrics_port: int
+    metrics_host: str
     skip_benchmark: bool
     max_perf: float | None
     benchmark_runs: int
@@ -416,6 +454,21 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
             "UNSECURED (--unsecured): requests must be signed but there is no key source: expected "
             "REPORT_ADDR or CONTAINER_ID (key from the autoscaler), PUBLIC_KEY_FILE, or UNSECURED=true"
         )
+    if not values["unsecured"] and not values["skip_url_check"] and not (
+        values["public_ipaddr"] and values["public_port"]
+    ):
+        # Without the url, any signature Vast issued for any worker of any endpoint would pass.
+        raise ConfigError(
+            f"PUBLIC_IPADDR and VAST_TCP_PORT_{port} (--public-ip, --public-port): secured mode must know the "
+            "url the autoscaler signs for this worker; set both, or SKIP_URL_CHECK=true to accept any worker's url"
+        )
+    if values["body_bytes_in_flight"] < values["max_body_bytes"]:
+        raise ConfigError(
+            f"MAX_BODY_BYTES_IN_FLIGHT (--max-body-bytes-in-flight): expected at least MAX_BODY_BYTES "
+            f"({values['max_body_bytes']}), got {values['body_bytes_in_flight']}"
+        )
+    if values["metrics_port"] and values["metrics_port"] == port:
+        raise ConfigError(f"METRICS_PORT (--metrics-port): expected a port other than WORKER_PORT ({port})")
     if values["skip_benchmark"] and not values["max_perf"]:
         raise ConfigError("MAX_PERF (--max-perf): expected a capacity > 0 when SKIP_BENCHMARK is set")
 
@@ -459,6 +512,18 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         replay_window=values["replay_window"],
         max_body_bytes=values["max_body_bytes"],
         access_log=values["access_log"],
+        skip_url_check=values["skip_url_check"],
+        max_workload=values["max_workload"],
+        max_connections=values["max_connections"],
+        max_connections_per_ip=min(values["max_connections_per_ip"], values["max_connections"]),
+        header_timeout=values["header_timeout"],
+        body_timeout=values["body_timeout"],
+        body_bytes_in_flight=values["body_bytes_in_flight"],
+        allow_h2c=values["allow_h2c"],
+        stream_head_timeout=values["stream_head_timeout"],
+        stream_idle_timeout=values["stream_idle_timeout"],
+        metrics_port=values["metrics_port"],
+        metrics_host=values["metrics_host"],
         skip_benchmark=values["skip_benchmark"],
         max_perf=values["max_perf"],
         benchmark_runs=values["benchmark_runs"],

@@ -8,6 +8,9 @@ Two modes share the readiness logic:
 Each run of the server gets a `Run`: its own event channel and load flag, so late output from a
 stopped server can never mark its successor loaded or broken. The first event a run receives
 (exit, error line, load timeout, lasting ill health, SIGHUP, shutdown) ends it.
+
+`last_error` is public (`/status`) and often quotes a model line: it holds only redacted text (its
+setter applies `redact`, by default the state machine's, so reasons and last_error are masked alike).
 """
 
 from __future__ import annotations
@@ -95,7 +98,10 @@ class Lifecycle:
         rules: LogRules,
         health: HealthProbe,
         warmup: Warmup = no_warmup,
+        redact: Callable[[str], str] | None = None,
     ) -> None:
+        # None: the machine's, so that one redactor covers every reason and last_error alike.
+        self._redact: Callable[[str], str] = redact if redact is not None else machine.redact
         self.settings = settings
         self.machine = machine
         self.policy = policy
@@ -105,12 +111,21 @@ class Lifecycle:
         self.model: ModelProcess | None = None
         self.owned_pids: set[int] = set()
         self.restarts = 0
-        self.last_error = ""
+        self._last_error = ""
         self.lines_seen = 0
         self._run = Run.new()
         self._stop = trio.Event()
         self._log = get_logger("supervisor.lifecycle")
         self._model_log = get_logger("model")
+
+    @property
+    def last_error(self) -> str:
+        """The reason the last run failed (redacted), "" once the server is ready again."""
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, text: str) -> None:
+        self._last_error = self._redact(text) if text else ""
 
     # -- control from outside (signals, shutdown)
 

@@ -20,6 +20,11 @@ This module owns what the autoscaler is told and when:
   finished records likewise. An outage is logged once per address and path when it starts and once
   when it ends; the master token never reaches a log line.
 
+`error_msg` often quotes a model server's log line; it leaves the process only through the Reporter's
+`redact` (supervisor/redact.py's `Redactor.redact` in a running worker), applied before the text is
+cut to `MAX_ERROR_MSG` (a cut secret would no longer be recognised). The state machine already
+redacts the reasons it passes on; this is the same function applied at the door.
+
 Beside Vast's numbers, `Reporter.stats()` gives the sensible ones for `/status` (served work per
 second rather than per report interval, the spelled-right cumulative request count).
 """
@@ -29,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -39,7 +44,7 @@ import trio
 from proxy.ledger import Counters, Ledger
 from supervisor.config import Config
 from supervisor.logs import get_logger
-from supervisor.redact import mask
+from supervisor.redact import keep, mask
 from supervisor.states import State, Transition
 
 __all__ = [
@@ -380,7 +385,9 @@ class Reporter:
         retry_initial: float = 1.0,
         clock: Callable[[], float] = trio.current_time,
         wall: Callable[[], float] = time.time,
+        redact: Callable[[str], str] = keep,
     ) -> None:
+        self._redact = redact
         self._addresses = tuple(a.strip().rstrip("/") for a in addresses if a.strip())
         if not self._addresses:
             raise ValueError("Reporter needs at least one address")
@@ -466,12 +473,17 @@ class Reporter:
     async def send_error_once(self, error_msg: str) -> bool:
         """One full status report carrying `error_msg` (the start failed); True when accepted."""
         disk = await self._disk()
+        error_msg = self._redact(error_msg)
         body = build_worker_status(self._identity, ReportView.idle(State.FAILED.value, error_msg), Counters(), disk)
         address = await self._poster.post(self._addresses, STATUS_PATH, body)
         self._log.info("reporter.error_report", sent=address is not None, address=address, error_msg=error_msg)
         return address is not None
 
     # -- /worker_status/ -------------------------------------------------------------------------
+
+    def _public(self, view: ReportView) -> ReportView:
+        # The only free text in a report; redacted whole, before build_worker_status cuts it.
+        return replace(view, error_msg=self._redact(view.error_msg)) if view.error_msg else view
 
     def _status_due(self) -> float:
         if self._status_backoff is not None:
@@ -504,7 +516,7 @@ class Reporter:
     async def _send_status(self) -> bool:
         self._last_attempt_start = self._clock()
         disk = await self._disk()
-        view = self._view()
+        view = self._public(self._view())
         # Taken as late as possible and put back unless delivered: a failed report loses nothing.
         counters = self._ledger.take_counters()
         body = build_worker_status(self._identity, view, counters, disk, self._disk_baseline)
@@ -588,12 +600,13 @@ async def send_error_report(
     *,
     timeout: float = 5.0,
     disk: Callable[[], Awaitable[DiskUsage]] | None = None,
+    redact: Callable[[str], str] = keep,
 ) -> bool:
     """For a start that failed before any Reporter ran (bad TLS files, port in use): one full status
     report with `error_msg`, to the first address that accepts it. Vast's bootstrap keeps sending its
     beacon every 10 s; shepherd sends once and exits, and the supervisor of the container decides."""
     reporter = Reporter(
         client, addresses, identity, Ledger(keep_finished=False), lambda: ReportView.idle(State.FAILED.value),
-        disk, timeout=timeout,
+        disk, timeout=timeout, redact=redact,
     )
     return await reporter.send_error_once(error_msg)

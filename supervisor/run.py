@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import trio
 
+from proxy.connections import ConnectionGate, ConnectionLimits
 from proxy.server import ServerSettings, ServerStartError, check_tls_files, run_server
 from proxy.signature import KeySource, RemoteKeySource
 from supervisor.config import Config
@@ -27,12 +28,14 @@ from supervisor.reaper import Reaper, become_subreaper
 from supervisor.reporter import WorkerIdentity, send_error_report
 from supervisor.states import State
 from supervisor.tail import set_aside_stale_log
-from supervisor.worker import VERSION, Worker, build_worker
+from supervisor.tasks import keep_running, raise_fd_limit
+from supervisor.worker import VERSION, Worker, build_worker, secrets_redactor
 
 EXIT_OK, EXIT_CONFIG = 0, 2  # 1 (gave up) is what Lifecycle.supervise returns
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HTTP_CLOSE_GRACE = 1.0  # seconds hypercorn gives connections after shepherd's own drain
 REPORT_FLUSH_TIMEOUT = 5.0  # seconds the last reports may take before exit
+FD_RESERVE = 256  # descriptors kept for the model's pipes, probes, the pool and the reporter
 
 
 @dataclass
@@ -75,12 +78,19 @@ async def _run(config: Config, signals: Any, subreaper: bool) -> int:
         lifecycle, keys = worker.lifecycle, worker.keys
         if keys is not None:
             lifecycle.warmup = _with_key(keys, lifecycle.warmup)
+        fd_soft, fd_hard = raise_fd_limit()
+        limits = worker.gate.limits = connection_limits(config, fd_soft)
         log.info(
             "shepherd.start", version=VERSION, backend=config.backend,
             mode="attach" if config.attach else "supervised", port=config.worker_port,
             model_server_url=config.model_server_url, subreaper=subreaper,
             reporting="on" if config.reporting else "off (set REPORT_ADDR or CONTAINER_ID to report)",
+            signed_url=signed_url(config), fd_limit=fd_soft, max_connections=limits.max_connections,
+            admin=f"{config.metrics_host}:{config.metrics_port}" if config.metrics_port else "off",
         )
+        if limits.max_connections < config.max_connections:
+            log.warning("limits.connections_lowered", asked=config.max_connections, allowed=limits.max_connections,
+                        why=f"the file descriptor limit is {fd_soft} (hard {fd_hard})")
         shutdown = Shutdown()
         http_stop = trio.Event()
         settings = ServerSettings(
@@ -89,12 +99,14 @@ async def _run(config: Config, signals: Any, subreaper: bool) -> int:
             # it would otherwise hold open for the whole graceful_timeout.
             host=config.host, port=config.worker_port, graceful_timeout=HTTP_CLOSE_GRACE,
             certfile=config.ssl_cert if config.use_ssl else None, keyfile=config.ssl_key if config.use_ssl else None,
+            limits=limits,
         )
         server_done = trio.Event()
 
         async def serve_http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
             try:
-                await run_server(worker.app, settings, http_stop.wait, task_status=task_status)
+                await run_server(worker.app, settings, http_stop.wait, task_status=task_status,
+                                 gate=worker.gate)
             finally:
                 server_done.set()
 
@@ -107,14 +119,26 @@ async def _run(config: Config, signals: Any, subreaper: bool) -> int:
                 nursery.cancel_scope.cancel()
                 return EXIT_CONFIG
             log.info("http.listening", binds=binds, routes=[r.path for r in config.spec.routes])
+            if config.metrics_port:
+                try:
+                    admin_binds = await nursery.start(_serve_admin, worker, config, http_stop)
+                except ServerStartError as exc:
+                    log.error("config.error", setting="METRICS_PORT", error=str(exc))
+                    await _report_start_failure(config, client, f"Worker Server failed to launch: {exc}")
+                    http_stop.set()
+                    await server_done.wait()
+                    nursery.cancel_scope.cancel()
+                    return EXIT_CONFIG
+                log.info("admin.listening", binds=admin_binds, routes=["/status", "/metrics", "/ready", "/health"])
+            # Background work: an error in any of these is logged and retried, never the end of shepherd.
             if isinstance(keys, RemoteKeySource):
-                nursery.start_soon(keys.fetch_until_loaded)
+                nursery.start_soon(keep_running, "pubkey", keys.fetch_until_loaded)
             nursery.start_soon(_signal_loop, signals, shutdown, lifecycle)
-            nursery.start_soon(worker.load.run)
+            nursery.start_soon(keep_running, "load", worker.load.run)
             if worker.reporter is not None:
-                nursery.start_soon(worker.reporter.run)
+                nursery.start_soon(keep_running, "reporter", worker.reporter.run)
             if subreaper:
-                nursery.start_soon(Reaper(lambda: set(lifecycle.owned_pids)).run)
+                nursery.start_soon(keep_running, "reaper", Reaper(lambda: set(lifecycle.owned_pids)).run)
             exit_code = await _main(config, worker, shutdown)
             http_stop.set()
             await worker.forwarder.aclose()
@@ -127,11 +151,39 @@ async def _run(config: Config, signals: Any, subreaper: bool) -> int:
         return exit_code
 
 
+def signed_url(config: Config) -> str:
+    """What the start event says of the url check (SECURITY.md: which worker's signatures pass)."""
+    if config.unsecured:
+        return "none (unsecured)"
+    return config.public_url or "any (SKIP_URL_CHECK)"
+
+
+def connection_limits(config: Config, fd_soft: int) -> ConnectionLimits:
+    """The connection cap, lowered when the descriptor limit could not hold it (each connection is
+    one descriptor, and its upstream request another)."""
+    allowed = max(1, (fd_soft - FD_RESERVE) // 2) if fd_soft > 0 else config.max_connections
+    cap = min(config.max_connections, allowed)
+    return ConnectionLimits(max_connections=cap, max_per_ip=min(config.max_connections_per_ip, cap),
+                            header_timeout=config.header_timeout, allow_h2c=config.allow_h2c)
+
+
+async def _serve_admin(
+    worker: Worker, config: Config, stop: trio.Event,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The admin listener: /status and /metrics for operators and Prometheus, never the proxy routes."""
+    settings = ServerSettings(host=config.metrics_host, port=config.metrics_port, graceful_timeout=HTTP_CLOSE_GRACE,
+                              limits=ConnectionLimits(max_connections=64, max_per_ip=64,
+                                                      header_timeout=config.header_timeout))
+    await run_server(worker.admin_app, settings, stop.wait, task_status=task_status)
+
+
 async def _report_start_failure(config: Config, client: httpx.AsyncClient, error: str) -> None:
     """One error report before exiting, so the autoscaler learns why this worker never came up."""
     if config.reporting:
         identity = WorkerIdentity.from_config(config, VERSION)
-        await send_error_report(client, config.report_addr, identity, error)
+        await send_error_report(client, config.report_addr, identity, error,
+                                redact=secrets_redactor(config).redact)
 
 
 def _with_key(keys: KeySource, warmup: Callable[[], Any]) -> Callable[[], Any]:

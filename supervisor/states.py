@@ -9,6 +9,11 @@
 `failed -> loading` is allowed too: in attach mode shepherd does not own the server, so when the
 server comes back (a new load line, a healthy probe) the worker recovers instead of staying broken
 for good (Vast's PyWorker marks a worker errored forever after one bad line).
+
+A transition's reason is public: it is shown by `/status` and `/ready`, logged, and sent to the
+autoscaler as `error_msg`; it often quotes a model server's log line. So the machine passes every
+reason through its `redact` function (supervisor/redact.py's `Redactor.redact` in a running worker)
+before anyone sees it: no listener, no reader of `reason`, ever gets the raw text.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from supervisor.redact import keep
 
 
 class State(enum.Enum):
@@ -72,10 +79,19 @@ class StateMachine:
 
     Listeners are plain callables run synchronously on every transition (log it, wake waiters,
     poke the reporter); they must not block.
+
+    `redact` masks secrets in reasons (see the module docstring); the default keeps them as they are.
+    The Lifecycle uses the same function for `last_error`.
     """
 
-    def __init__(self, clock: Callable[[], float], initial: State = State.STARTING) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        initial: State = State.STARTING,
+        redact: Callable[[str], str] = keep,
+    ) -> None:
         self._clock = clock
+        self.redact: Callable[[str], str] = redact
         self.state = initial
         self.since = clock()
         self.reason = "shepherd started"
@@ -88,6 +104,7 @@ class StateMachine:
         return allowed(self.state, target)
 
     def to(self, target: State, reason: str) -> Transition:
+        reason = self.redact(reason)  # before the error message too: it may be logged or shown
         if not allowed(self.state, target):
             raise TransitionError(f"{self.state.value} -> {target.value} is not a lifecycle transition ({reason})")
         transition = Transition(self.state, target, reason, self._clock())

@@ -23,7 +23,8 @@ from probes.health import HealthProbe
 from probes.host import HostProbe
 from probes.model_metrics import ModelMetricsProbe
 from proxy.admission import Admission
-from proxy.app import Gateway, create_app
+from proxy.app import OPEN, Gateway, StatusAccess, create_app
+from proxy.connections import ConnectionGate, ConnectionLimits
 from proxy.forward import Forwarder
 from proxy.handler import ProxySettings, RequestHandler
 from proxy.ledger import Ledger
@@ -44,6 +45,7 @@ from supervisor.lifecycle import Lifecycle, LifecycleSettings, WarmupFailed
 from supervisor.load import LoadMonitor
 from supervisor.logs import get_logger
 from supervisor.reporter import Reporter, ReportState, WorkerIdentity
+from supervisor.redact import Redactor, redact_value
 from supervisor.restart import BackoffSettings, RestartPolicy
 from supervisor.rules import LogRules
 from supervisor.states import State, StateMachine, Transition
@@ -55,11 +57,20 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+# Credentials of shepherd's own that the model server has no use for: a model server that logs its
+# environment, or runs user code, must not be handed the key to this worker's reports.
+PRIVATE_ENV = ("MASTER_TOKEN",)
+
+
 def model_env(config: Config) -> dict[str, str]:
-    env = dict(config.environ)
+    env = {k: v for k, v in config.environ.items() if k not in PRIVATE_ENV}
     # Python servers block-buffer a piped stdout: their load line would reach us late.
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def secrets_redactor(config: Config) -> Redactor:
+    return Redactor.from_environ(config.environ, extra=(config.master_token,))
 
 
 def key_source(config: Config, client: httpx.AsyncClient) -> KeySource | None:
@@ -85,6 +96,8 @@ class Worker:
     metrics: Metrics
     keys: KeySource | None
     app: Gateway
+    admin_app: Any  # the Quart app of the admin listener (METRICS_PORT): status routes, open
+    gate: ConnectionGate  # client connections of the public port (counted in /status)
     report_state: ReportState
     reporter: Reporter | None
     started_wall: float = field(default_factory=time.time)
@@ -148,6 +161,10 @@ class Worker:
                  rounds=list(capacity.result.rounds) if capacity.result else None)
 
     def status(self) -> dict[str, Any]:
+        # Masked as a whole too: a URL with credentials in it, an address holding a token.
+        return redact_value(self.machine.redact, self._status())
+
+    def _status(self) -> dict[str, Any]:
         lc, ledger = self.lifecycle, self.ledger
         model = lc.model
         counters = ledger.peek_counters()
@@ -175,6 +192,10 @@ class Worker:
                 "since_last_report": {
                     "new_load": counters.new_load, "rej_load": counters.rej_load, "cur_perf": counters.cur_perf,
                 },
+            },
+            "connections": {
+                "open": self.gate.open, "refused": self.gate.refused,
+                "body_bytes_in_flight": self.handler.budget.used, "body_budget_refusals": self.handler.budget.refused,
             },
             "max_perf": self.max_perf,
             "capacity_source": self.capacity_source,
@@ -221,7 +242,10 @@ class Worker:
 def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
     """Raises ValueError for a configuration problem found only now (an unusable key file)."""
     keys = key_source(config, client)
-    machine = StateMachine(trio.current_time)
+    # Every string that leaves the process (state reasons in /status, /ready and the reports, the
+    # last error) is masked by the same rule as the logs.
+    redactor = secrets_redactor(config)
+    machine = StateMachine(trio.current_time, redact=redactor.redact)
     lifecycle = Lifecycle(
         LifecycleSettings(
             command=config.command,
@@ -268,25 +292,34 @@ def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
     metrics = Metrics(lambda: holder[0].metrics_view())
     access = get_logger("proxy.access")
     handler = RequestHandler(
-        ProxySettings(unsecured=config.unsecured, max_body_bytes=config.max_body_bytes),
+        ProxySettings(unsecured=config.unsecured, max_body_bytes=config.max_body_bytes,
+                      body_timeout=config.body_timeout, body_bytes_in_flight=config.body_bytes_in_flight,
+                      max_workload=config.max_workload, scheme="https" if config.use_ssl else "http"),
         forwarder, ledger, admission, verifier, on_change=lambda: holder[0].poke(),
         access_log=None if config.access_log == "off" else getattr(access, config.access_log),
         metrics=metrics,
         replay=ReplayGuard(config.replay_window) if config.replay_window and verifier is not None else None,
     )
+    # Secured mode means a public port: status and metrics there need the master token (SECURITY.md).
+    access = OPEN if config.unsecured else StatusAccess(open=False, token=config.master_token)
     app = Gateway(
-        create_app(lambda: holder[0].status(), metrics.render),
+        create_app(lambda: holder[0].status(), metrics.render, access),
         {r.path: r for r in spec.routes},
         handler,
     )
+    admin_app = create_app(lambda: holder[0].status(), metrics.render, OPEN)
+    gate = ConnectionGate(ConnectionLimits(
+        max_connections=config.max_connections, max_per_ip=config.max_connections_per_ip,
+        header_timeout=config.header_timeout, allow_h2c=config.allow_h2c,
+    ))
     report_state = ReportState(machine.since)
     reporter = Reporter(
         client, config.report_addr, WorkerIdentity.from_config(config, VERSION), ledger,
-        lambda: report_state.view(ledger, load.hidden_work()),
+        lambda: report_state.view(ledger, load.hidden_work()), redact=redactor.redact,
     ) if config.reporting else None
     worker = Worker(
         config, client, machine, lifecycle, ledger, admission, forwarder, handler, load, metrics, keys, app,
-        report_state, reporter,
+        admin_app, gate, report_state, reporter,
     )
     holder.append(worker)
     machine.subscribe(worker.on_transition)

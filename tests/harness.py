@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -30,6 +31,9 @@ DEFAULT_TIMEOUT = 30.0
 WORKDIR = Path(tempfile.mkdtemp(prefix="shepherd-e2e-"))
 
 Event = dict[str, Any]
+
+
+TEST_MASTER_TOKEN = "test-master-token-0123456789"
 
 
 def free_port() -> int:
@@ -74,18 +78,27 @@ class Shepherd:
     """One shepherd process. `events` holds its parsed JSON log lines, in order."""
 
     def __init__(self, args: Iterable[str] = (), env: Mapping[str, str] | None = None, port: int | None = None,
-                 model_port: int | None = None) -> None:
+                 model_port: int | None = None, nofile: int | None = None) -> None:
         self.port = port or free_port()
         self.model_port = model_port or free_port()
         full_env = base_env(
             WORKER_PORT=str(self.port), WORKER_HOST="127.0.0.1",
             MODEL_SERVER_URL=f"http://127.0.0.1:{self.model_port}", UNSECURED="true",
             DEMO_LOAD_DELAY="0.2", HEALTH_INTERVAL="0.5",
+            # In secured mode /status needs it on the public port (SECURITY.md); `status()` sends it.
+            MASTER_TOKEN=TEST_MASTER_TOKEN,
         )
         full_env.update(env or {})
+        self.master_token = full_env.get("MASTER_TOKEN", "")
+
+        def limit_descriptors() -> None:  # the soft *and* hard limit, so shepherd cannot raise it
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
             [sys.executable, str(ENTRYPOINT), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=str(WORKDIR), start_new_session=True,
+            preexec_fn=limit_descriptors if nofile is not None else None,
         )
         self.events: list[Event] = []
         self.raw_stdout: list[bytes] = []
@@ -149,7 +162,7 @@ class Shepherd:
             return [e for e in self.events if e.get("event") == name]
 
     def status(self) -> dict[str, Any]:
-        return self.http.get("/status").json()
+        return self.http.get("/status", headers={"authorization": f"Bearer {self.master_token}"}).json()
 
     def model_pid(self) -> int:
         pid = self.status()["model"]["pid"]

@@ -1,14 +1,15 @@
 """Admission control on a mock clock: FIFO order and cancellation, 429 on estimates and queue timeouts,
-waiting for readiness, 503 when not ready or draining."""
+waiting for readiness, 503 when not ready or draining, and a bounded Retry-After (issue 8 finding 5)."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 import trio
 import trio.testing
 
 from backends.spec import Route
-from proxy.admission import Admission, Rejected
+from proxy.admission import MAX_RETRY_AFTER, Admission, Rejected
 from proxy.ledger import Ledger, RequestRecord, RequestStatus
 
 SERIAL = Route("/serial", parallel=False, max_queue_time=1000.0)
@@ -318,3 +319,44 @@ async def test_hidden_work_counts_in_the_estimated_wait(clock: trio.testing.Mock
             pass
     assert rejected.value.status == 429 and rejected.value.retry_after == 10
     assert world.admission.estimated_wait() == pytest.approx(40.0)
+
+
+@pytest.mark.parametrize("huge", [1e15, 1e300, 1.7976931348623157e308])
+async def test_retry_after_is_bounded_whatever_the_work_ahead(clock: trio.testing.MockClock, huge: float) -> None:
+    # Today: 1e15 units ahead at 100 units/s gave Retry-After 9999999999970, and 1e300 an integer
+    # orjson could not write (a 500 for every other request).
+    world = World(capacity=100.0)
+    world.ledger.start(world.admit(PARALLEL, workload=huge), 0.0)
+    record = world.admit(PARALLEL, workload=1.0)
+    with pytest.raises(Rejected) as info:
+        async with world.admission.slot(PARALLEL, record):
+            pytest.fail("must not enter")
+    assert (info.value.status, info.value.retry_after) == (429, MAX_RETRY_AFTER)
+    assert MAX_RETRY_AFTER == 300
+    orjson.dumps({"retry_after": info.value.retry_after})  # what the handler writes
+
+
+async def test_a_long_503_retry_after_is_bounded_too(clock: trio.testing.MockClock) -> None:
+    world = World(ready=True)
+    world.admission = Admission(
+        world.ledger, capacity=lambda: 0.0, is_ready=world.readiness.is_ready,
+        ready_changed=world.readiness.changed, wall_clock=trio.current_time, unavailable_retry_after=86_400,
+    )
+    world.admission.set_draining()
+    with pytest.raises(Rejected) as info:
+        async with world.admission.slot(PARALLEL, world.admit(PARALLEL)):
+            pass
+    assert (info.value.status, info.value.retry_after) == (503, MAX_RETRY_AFTER)
+
+
+async def test_a_lone_request_sees_no_residue_of_finished_work(clock: trio.testing.MockClock) -> None:
+    # Its own workload is taken out of the total exactly (the ledger's integer units). Today's float
+    # arithmetic left 0.3 + 0.1 + 0.2 - 0.1 - 0.2 - 0.3 = 1.1e-16 units "ahead" of a lone request,
+    # which at a tiny capacity (1e-20 units/s) was an 11,000-second wait and a 429.
+    world = World(capacity=1e-20)
+    record = world.admit(PARALLEL, workload=0.3)
+    for workload in (0.1, 0.2):
+        world.ledger.reject(world.admit(PARALLEL, workload=workload), 0.0, 429)
+    assert world.admission.wait_ahead_of(record) == 0.0
+    async with world.admission.slot(PARALLEL, record):
+        assert record.status is RequestStatus.STARTED

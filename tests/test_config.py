@@ -15,7 +15,8 @@ from backends.registry import BACKENDS
 from supervisor.config import SETTINGS, VAST_REPORT_ADDR, ConfigError, build_parser, load_config
 
 # Requests are signed unless UNSECURED: a key source is needed; a key file is the one with no side effects.
-KEY = {"PUBLIC_KEY_FILE": "/etc/autoscaler-key.pem"}
+# Secured mode also needs this worker's public url, or the explicit opt-out (tested on its own below).
+KEY = {"PUBLIC_KEY_FILE": "/etc/autoscaler-key.pem", "SKIP_URL_CHECK": "true"}
 ATTACH = {**KEY, "MODEL_LOG": "/var/log/model.log"}  # the least a generic backend needs
 
 
@@ -139,7 +140,7 @@ def test_signed_requests_need_a_key_source(source: dict[str, str]) -> None:
     with pytest.raises(ConfigError) as info:
         load_config([], {"MODEL_LOG": "/m.log"})
     _check_message(info.value, "UNSECURED", "expected", "PUBLIC_KEY_FILE", "REPORT_ADDR")
-    load_config([], {"MODEL_LOG": "/m.log", **source})  # any one source is enough
+    load_config([], {"MODEL_LOG": "/m.log", "SKIP_URL_CHECK": "true", **source})  # any one source is enough
 
 
 def test_config_error_is_a_value_error() -> None:
@@ -374,3 +375,35 @@ def test_help_mentions_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
                  "REPORT_ADDR", "CONTAINER_ID", "MASTER_TOKEN", "PUBLIC_IPADDR"):
         assert f"env {name}" in text, name
     assert "default 3000" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Secured mode must know which url the autoscaler signs for this worker (SECURITY.md, finding 4).
+
+
+def test_secured_mode_without_the_public_url_refuses_to_start() -> None:
+    env = {"MODEL_LOG": "/m.log", "PUBLIC_KEY_FILE": "/k.pem"}
+    with pytest.raises(ConfigError) as info:
+        load_config([], env)
+    _check_message(info.value, "PUBLIC_IPADDR", "VAST_TCP_PORT_3000", "SKIP_URL_CHECK")
+    with pytest.raises(ConfigError):  # half of it is not enough
+        load_config([], {**env, "PUBLIC_IPADDR": "203.0.113.7"})
+    config = load_config([], {**env, "PUBLIC_IPADDR": "203.0.113.7", "VAST_TCP_PORT_3000": "41000"})
+    assert config.public_url == "http://203.0.113.7:41000"
+    assert load_config([], {**env, "SKIP_URL_CHECK": "true"}).public_url is None
+    assert load_config([], {"MODEL_LOG": "/m.log", "UNSECURED": "true"}).public_url is None  # nothing to check
+
+
+def test_limits_have_safe_defaults_and_are_checked() -> None:
+    config = load([], **ATTACH)
+    assert config.max_connections == 1000 and config.max_connections_per_ip == 256
+    assert config.header_timeout == 10.0 and config.body_timeout == 60.0
+    assert config.body_bytes_in_flight >= config.max_body_bytes
+    assert config.allow_h2c is False and config.metrics_port == 0 and config.metrics_host == "127.0.0.1"
+    with pytest.raises(ConfigError) as info:
+        load([], **ATTACH, MAX_BODY_BYTES="1000", MAX_BODY_BYTES_IN_FLIGHT="999")
+    _check_message(info.value, "MAX_BODY_BYTES_IN_FLIGHT", "expected", "MAX_BODY_BYTES")
+    with pytest.raises(ConfigError) as info:
+        load([], **ATTACH, METRICS_PORT="3000")
+    _check_message(info.value, "METRICS_PORT", "WORKER_PORT")
+    assert load([], **ATTACH, MAX_CONNECTIONS="10").max_connections_per_ip == 10  # never above the total

@@ -1,13 +1,16 @@
-"""The request ledger: lifecycle, O(1) totals against a recomputation, per-report counters that survive
-a failed report, and the bounded queue of finished records for /delete_requests/."""
+"""The request ledger: lifecycle, O(1) totals against a recomputation (exact since issue 8 finding 5),
+per-report counters that survive a failed report, and the bounded queue of finished records for
+/delete_requests/."""
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
+from fractions import Fraction
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -70,7 +73,7 @@ def test_invalid_transitions_are_bugs() -> None:
         ledger.start(rec, 1.0)
     with pytest.raises(ValueError, match="already reached the model"):
         ledger.reject(rec, 1.0, 429)
-    for bad in (-1.0, math.nan):
+    for bad in (-1.0, math.nan, math.inf, 10**400):  # inf, 10**400: no exact total holds them
         with pytest.raises(ValueError, match="non-negative"):
             ledger.admit(route="/r", workload=bad, now=0.0)
 
@@ -169,6 +172,77 @@ def test_zero_weight_requests_leave_exact_zero_totals() -> None:
     for rec in recs:
         ledger.finish(rec, S.SUCCESS, 1.0)
     assert (ledger.running_work, ledger.waiting_work) == (0.0, 0.0)
+
+
+def exact(workloads: Iterable[float]) -> float:
+    """The correctly rounded sum of `workloads`, as an exact ledger must report it."""
+    total = sum((Fraction(w) for w in workloads), Fraction(0))
+    try:
+        return float(total)
+    except OverflowError:
+        return math.inf
+
+
+def test_a_running_request_keeps_its_work_after_a_huge_one_finishes() -> None:
+    # Today: running_work was a float sum, 1e300 + 1 - 1e300 == 0, so a running request weighed 0.
+    ledger = Ledger()
+    huge = ledger.admit(route="/r", workload=1e300, now=0.0)
+    small = ledger.admit(route="/r", workload=1.0, now=0.0)
+    ledger.start(huge, 0.0)
+    ledger.start(small, 0.0)
+    ledger.finish(huge, S.SUCCESS, 1.0)
+    assert ledger.running_work == 1.0
+    tiny = ledger.admit(route="/r", workload=5e-324, now=1.0)  # the smallest double still counts
+    assert ledger.waiting_work == 5e-324 and ledger.work_ahead_of(tiny) == 1.0
+    ledger.finish(small, S.SUCCESS, 2.0)
+    ledger.finish(tiny, S.CANCELLED, 2.0)
+    assert (ledger.running_work, ledger.waiting_work) == (0.0, 0.0)
+
+
+def test_totals_past_the_largest_double_read_as_infinity_and_still_return_to_zero() -> None:
+    ledger = Ledger()
+    records = [ledger.admit(route="/r", workload=1.7e308, now=0.0) for _ in range(3)]
+    assert ledger.waiting_work == math.inf
+    for record in records:
+        ledger.reject(record, 1.0, 429)
+    assert ledger.waiting_work == 0.0
+
+
+WILD = st.one_of(
+    st.floats(0.0, 1.7976931348623157e308, allow_nan=False, allow_infinity=False),
+    st.sampled_from([0.0, 5e-324, 1e-9, 0.1, 0.2, 0.7, 1.0, 1e15, 1e16 + 2, 1e300, 1.7976931348623157e308]),
+    st.integers(0, 2**63).map(float),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(WILD, min_size=1, max_size=12), st.data())
+def test_any_sequence_with_wild_workloads_ends_at_exactly_zero(workloads: list[float], data: st.DataObject) -> None:
+    ledger = Ledger()
+    waiting: list[RequestRecord] = []
+    running: list[RequestRecord] = []
+    pending = list(workloads)
+    while pending or waiting or running:
+        moves = (["admit"] if pending else []) + (["start", "reject"] if waiting else []) + (["finish"] if running else [])
+        move = data.draw(st.sampled_from(moves))
+        if move == "admit":
+            waiting.append(ledger.admit(route="/r", workload=pending.pop(), now=0.0))
+        elif move in ("start", "reject"):
+            record = waiting.pop(data.draw(st.integers(0, len(waiting) - 1)))
+            if move == "start":
+                ledger.start(record, 0.0)
+                running.append(record)
+            else:
+                ledger.reject(record, 0.0, 429)
+        else:
+            record = running.pop(data.draw(st.integers(0, len(running) - 1)))
+            ledger.finish(record, data.draw(st.sampled_from([S.SUCCESS, S.ERROR, S.CANCELLED])), 0.0)
+        assert ledger.waiting_work == exact(r.workload for r in waiting)
+        assert ledger.running_work == exact(r.workload for r in running)
+        # Never a running request with positive work while the total says nothing runs.
+        assert (ledger.running_work > 0.0) == any(r.workload > 0.0 for r in running)
+        assert (ledger.waiting_work > 0.0) == any(r.workload > 0.0 for r in waiting)
+    assert (ledger.waiting_work, ledger.running_work, ledger.in_flight) == (0.0, 0.0, 0)
 
 
 WORKLOADS = st.one_of(st.integers(0, 10_000).map(float), st.floats(0.0, 1e4, allow_nan=False), st.just(0.1))
@@ -289,9 +363,10 @@ class LedgerMachine(RuleBasedStateMachine):
         ledger = self.ledger
         waiting = self._in(S.CREATED)
         running = self._in(S.STARTED)
-        assert ledger.waiting_work >= 0.0 and ledger.running_work >= 0.0
-        assert math.isclose(ledger.waiting_work, sum(r.workload for r in waiting), rel_tol=1e-9, abs_tol=1e-6)
-        assert math.isclose(ledger.running_work, sum(r.workload for r in running), rel_tol=1e-9, abs_tol=1e-6)
+        # Exact since issue 8 (was math.isclose against a float sum): the totals are the correctly
+        # rounded sums of the workloads in flight.
+        assert ledger.waiting_work == exact(r.workload for r in waiting)
+        assert ledger.running_work == exact(r.workload for r in running)
         assert (ledger.waiting, ledger.running, ledger.in_flight) == (len(waiting), len(running), len(waiting) + len(running))
         assert sorted(ledger.working_request_idxs) == sorted(
             r.request_idx for r in waiting + running if r.request_idx is not None

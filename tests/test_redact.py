@@ -1,14 +1,19 @@
-"""Tests for supervisor.redact: secret values, secret shapes, and the structlog processor."""
+"""Tests for supervisor.redact: secret values, secret shapes (bare signatures, API keys, environment-style
+assignments, Hugging Face tokens included), and the structlog processor."""
 
 from __future__ import annotations
 
+import base64
+import random
 import string
 import time
 
-from hypothesis import given, settings
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from supervisor.redact import REDACTED, Redactor, mask, redact_event
+from supervisor.redact import REDACTED, Redactor, looks_like_signature, mask, redact_event
 
 HF = "hf_aBcDeFgHiJkLmNoPqRsTuVwXyZ"
 MASTER = "m4ster-t0ken-0123456789"
@@ -142,6 +147,7 @@ def test_secret_never_survives(secret: str, before: str, after: str) -> None:
     lead=st.sampled_from(["Authorization: ", "authorization=", "Bearer ", "signature: "]),
 )
 def test_unknown_token_in_secret_shape_never_survives(secret: str, lead: str) -> None:
+    assume(secret not in lead)  # "signatur" is in "signature: " whatever happens to the value
     assert secret not in Redactor().redact(f"{lead}{secret} rejected")
 
 
@@ -186,3 +192,173 @@ def test_processor_keeps_harmless_objects() -> None:
     thing = Thing()
     out = redact_event(Redactor([MASTER]))(None, "info", {"event": "x", "thing": thing})
     assert out["thing"] is thing
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes added for public answers (issue 8, finding 6): bare signatures, API-key fields,
+# environment-style assignments, Hugging Face tokens.
+
+B64_ALPHABET = string.ascii_letters + string.digits + "+/"
+
+
+def signature_of(seed: int, size: int = 256) -> str:
+    """The base64 text of `size` random bytes: what an RSA signature of `size * 8` bits looks like."""
+    return base64.b64encode(random.Random(seed).randbytes(size)).decode()
+
+
+def test_a_real_rsa_2048_signature_is_masked_without_a_lead_in() -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    sig = base64.b64encode(key.sign(b'{"url": "http://1.2.3.4:4000"}', padding.PKCS1v15(), hashes.SHA256())).decode()
+    assert len(sig) == 344
+    out = Redactor().redact(f"rejected request with {sig} from 10.0.0.7")
+    assert out == f"rejected request with {sig[:4]}{REDACTED} from 10.0.0.7"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(min_value=0, max_value=2**32),
+    size=st.sampled_from([256, 384, 512]),  # RSA 2048, 3072, 4096
+    before=st.text(max_size=30),
+    after=st.text(max_size=30),
+)
+def test_bare_signature_never_survives(seed: int, size: int, before: str, after: str) -> None:
+    sig = signature_of(seed, size)
+    # a space on either side: text glued to the run would be part of it (and is covered below)
+    out = Redactor().redact(f"{before} {sig} {after}")
+    assert sig not in out
+    assert sig[4:40] not in out  # not even a long piece of it
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(min_value=0, max_value=2**32), size=st.sampled_from([256, 384, 512]))
+def test_random_signatures_always_have_the_shape(seed: int, size: int) -> None:
+    sig = signature_of(seed, size)
+    assert looks_like_signature(sig)
+    assert looks_like_signature(sig.rstrip("="))
+
+
+def test_ed25519_sized_signature_is_masked() -> None:
+    sig = "Yb5qJ3n8Kc+Tz0pQ/wL4sRd7VmXe1Hf9GaUo2NkBiE6ZhCyMlW5tS8rAvDgJxPqK0nOe3IuF7cLbY4Tz2Wm9Bg=="
+    assert len(sig) == 88
+    assert sig not in Redactor().redact(f"sig={sig}")
+    assert Redactor().redact(f"bad sig {sig}") == f"bad sig Yb5q{REDACTED}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(digest=st.binary(min_size=16, max_size=64), upper=st.booleans(), sep=st.sampled_from(["", "/", " "]))
+def test_hex_digests_are_not_masked(digest: bytes, upper: bool, sep: str) -> None:
+    hexed = digest.hex().upper() if upper else digest.hex()
+    text = f"snapshots{sep}{hexed}{sep}{hexed}"
+    assert Redactor().redact(text) == text
+
+
+ORDINARY_LONG_TEXT = [
+    "/root/.cache/huggingface/hub/models--meta-llama--Meta-Llama-3-8B-Instruct/snapshots/"
+    "5f0b02c75b57c5855da9ae460ce51323ea669d8a/config.json",
+    "Loading /workspace/ComfyUI/models/checkpoints/sdxl/juggernautXL/v9/RunDiffusionPhoto2 done",
+    "NousResearch/Hermes2ProLlama3/snapshots/0a1b2c3d4e5f60718293a4b5c6d7e8f901234567/tokenizer",
+    "Pneumonoultramicroscopicsilicovolcanoconiosis" * 3,
+    "ThisIsAVeryLongCamelCaseIdentifierThatSomeFrameworksLikeToPrintWhenTheyStart2024",
+    "Qwen2ForConditionalGenerationWithMultimodalProjectorAndVisionTowerV2XLModelHTTPSConnectionPool",
+    "sha256:" + "0123456789abcdef" * 8,
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",  # the alphabet itself
+    "Namespace(api_key=None, served_model_name=EMPTY, hf_overrides={})",
+    "vllm serve model --api-key EMPTY",
+    "tokenizer: eos_token: </s> pad_token=<|endoftext|> bos_token_id=1",
+    "TLS_KEY=/etc/instance.key MODEL_KEY: /models/key.pem",
+    "using hf_transfer to download; hf_hub offline=False",
+]
+
+
+def test_ordinary_long_text_is_not_masked() -> None:
+    r = Redactor()
+    for text in ORDINARY_LONG_TEXT:
+        assert r.redact(text) == text
+
+
+def test_looks_like_signature_rules() -> None:
+    sig = signature_of(7)
+    assert looks_like_signature(sig)
+    assert not looks_like_signature(sig[:63])  # too short
+    assert not looks_like_signature(sig.lower())  # no upper case
+    assert not looks_like_signature(sig.upper())  # no lower case
+    assert not looks_like_signature("".join(c for c in sig if not c.isdigit()) * 2)  # no digit
+    assert not looks_like_signature("/".join(sig[i:i + 8] for i in range(0, 200, 8)))  # path-like
+
+
+API_KEY_LEADS = [
+    "X-Api-Key: ", "x-api-key: ", "X-API-KEY:", "api-key: ", "Api-Key=", "x-api-key=", "api_key=", "API_KEY=",
+    "apikey=", "api%5Fkey=", "Api%5fKey=", "openai_api_key=", "'x-api-key': '", '"X-Api-Key": "', "x_api_key = ",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lead=st.sampled_from(API_KEY_LEADS),
+    key=st.text(alphabet=string.ascii_letters + string.digits + "-_.~+/", min_size=6, max_size=60),
+    before=st.sampled_from(["", "GET /v1/models?", "headers: {", "request "]),
+    after=st.sampled_from(["", "&model=x", "' }", " rejected", ", next", ")"]),
+)
+def test_api_key_values_never_survive(lead: str, key: str, before: str, after: str) -> None:
+    assume(key not in lead and key not in before and key not in after)
+    out = Redactor().redact(f"{before}{lead}{key}{after}")
+    assert key not in out
+    assert out.startswith(before + lead)  # the field name is kept: the reader knows what was there
+
+
+def test_api_key_examples() -> None:
+    r = Redactor()
+    assert r.redact("X-Api-Key: sk-abcdef123456") == f"X-Api-Key: sk-{REDACTED}"
+    assert r.redact("GET /g?api_key=abcdef123456&model=llama") == f"GET /g?api_key=abc{REDACTED}&model=llama"
+    assert r.redact("GET /generate?api%5Fkey=abcdef123456") == f"GET /generate?api%5Fkey=abc{REDACTED}"
+    assert r.redact("{'x-api-key': 'abcdef123456'}") == f"{{'x-api-key': 'abc{REDACTED}'}}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    name=st.from_regex(r"[A-Z][A-Z0-9_]{0,12}_(TOKEN|SECRET|PASSWORD|KEY)", fullmatch=True),
+    value=st.text(alphabet=string.ascii_letters + string.digits + "-_.~+/=:@", min_size=6, max_size=60),
+    sep=st.sampled_from(["=", ": ", "='", '="', " = "]),
+)
+def test_environment_style_assignments_never_survive(name: str, value: str, sep: str) -> None:
+    assume(not value.startswith("/") and value not in name)
+    out = Redactor().redact(f"env {name}{sep}{value} set")
+    assert value not in out
+    assert out.startswith(f"env {name}{sep}")
+
+
+def test_hf_token_is_masked_anywhere() -> None:
+    token = "hf_" + "aB3dE5gH7jK9mN1pQ3sT5vW7yZ9bC1dE3f"
+    r = Redactor()
+    assert r.redact(f"401 for token {token}.") == f"401 for token hf_a{REDACTED}."
+    assert r.redact(f"HF_TOKEN={token}") == f"HF_TOKEN=hf_a{REDACTED}"
+    assert token not in r.redact(f"{{'token': '{token}'}}")
+
+
+def test_percent_encoded_signature_is_masked_whole() -> None:
+    out = Redactor().redact("POST /generate?signature=abcd%2Befgh%2Fijkl%3D%3D&cost=1")
+    assert out == f"POST /generate?signature=abcd{REDACTED}&cost=1"
+
+
+def test_new_shapes_are_idempotent() -> None:
+    r = Redactor()
+    text = (
+        f"X-Api-Key: abcdef123456 HF_TOKEN=hf_{'a1B2' * 9} sig {signature_of(3)} "
+        "MY_SECRET=hunter2hunter2 api%5Fkey=zzzzzzzz"
+    )
+    once = r.redact(text)
+    assert REDACTED in once and r.redact(once) == once
+
+
+def test_a_known_secret_inside_a_non_signature_run_is_masked() -> None:
+    secret = "Zq9XyZq9XyZq9Xy0"  # letters and digits only: it joins the run around it
+    r = Redactor([secret])
+    path = "models/checkpoints/" + "a" * 60 + secret + "b" * 10
+    out = r.redact(path)
+    assert secret not in out and out.startswith("models/checkpoints/" + "a" * 60 + "Zq9X")
+
+
+def test_from_environ_adds_extra_secrets() -> None:
+    r = Redactor.from_environ({"HOME": "/root"}, extra=(MASTER, None, ""))
+    assert r.secrets == (MASTER,)
+    assert MASTER not in r.redact(f"token {MASTER}")

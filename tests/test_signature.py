@@ -1,5 +1,7 @@
 """Signature checks: the three signed formats as the Vast system signs them, failures and their reasons,
-the verified-pair cache, key sources (file, remote with failover, rotation, rate-limited refresh)."""
+the verified-pair cache, key sources (file, remote with failover, rotation, rate-limited refresh), and
+the bounds of issue 8: no message over the cap is built or tried, canonical base64 only, the decoded
+signature handed to the replay window."""
 
 from __future__ import annotations
 
@@ -19,15 +21,28 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.envelope import AuthData, EnvelopeError, parse_envelope
+import proxy.signature
+from proxy.envelope import (
+    AUTH_MAX_BYTES,
+    AUTH_MAX_DEPTH,
+    AuthData,
+    EnvelopeError,
+    Over,
+    json_size,
+    measure_json,
+    parse_envelope,
+)
 from proxy.signature import (
+    FORMATS,
     KeyFetchError,
     PemFileKeySource,
     RemoteKeySource,
     StaticKeySource,
     Verifier,
+    decode_signature,
     load_public_key,
     message_for,
+    signs_reqnum,
 )
 
 URL = "https://1.2.3.4:5000"
@@ -235,6 +250,135 @@ async def test_cache_is_bounded_lru(key_a: rsa.RSAPrivateKey) -> None:
     assert counting.calls == 4
 
 
+# -- issue 8: bounded messages, canonical base64, the decoded signature ----------------------------
+
+
+def test_only_sorted_and_legacy_sign_reqnum() -> None:
+    assert [signs_reqnum(fmt) for fmt in FORMATS] == [False, True, True]
+    assert signs_reqnum(None) is False
+
+
+def _deep(depth: int, leaf: Any) -> Any:
+    node = leaf
+    for _ in range(depth):
+        node = [node]
+    return node
+
+
+@pytest.mark.parametrize("depth", [9, 850, 1000, 5000])
+def test_deep_auth_data_gives_no_message_and_no_recursion_error(depth: int) -> None:
+    # Today: json.dumps(indent=4) over it, RecursionError from ~1000 levels (a 500 per request).
+    raw = {**AUTH, "k": _deep(depth, list(range(1000)))}
+    assert message_for("sorted", raw) is None
+    assert message_for("url", raw) == b'{\n    "url": "https://1.2.3.4:5000"\n}'  # url alone is small
+    assert message_for("legacy", raw) is not None
+
+
+def test_a_message_over_the_cap_is_none_even_when_auth_data_is_under_it() -> None:
+    # 450 short keys: under 4 KB as compact JSON, more than 6 KB indented.
+    raw = {**AUTH, **{f"{i:03}": 0 for i in range(450)}}
+    assert json_size(raw, limit=AUTH_MAX_BYTES, max_depth=AUTH_MAX_DEPTH) is not None
+    message = message_for("sorted", raw)
+    assert message is None
+    assert len(json.dumps({k: v for k, v in raw.items() if k != "signature"}, indent=4)) > AUTH_MAX_BYTES
+    assert message_for("sorted", raw, max_bytes=10**6) is not None  # the cap is a parameter
+    assert message_for("url", {"url": "u" * AUTH_MAX_BYTES}) is None
+
+
+class DumpSpy:
+    """Records the length of every text the indenting encoder writes in proxy.signature."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sizes: list[int] = []
+        real = json.dumps
+
+        def dumps(value: Any, *args: Any, **kwargs: Any) -> str:
+            text = real(value, *args, **kwargs)
+            self.sizes.append(len(text))
+            return text
+
+        monkeypatch.setattr(proxy.signature.json, "dumps", dumps)
+
+
+async def test_the_850_deep_attack_is_never_serialised_and_only_small_messages_are_tried(
+    key_a: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The finding's body, handed straight to the verifier (parse_envelope refuses it earlier now):
+    # a garbage signature, a valid url, 850 levels around many items. Measured on the bounded work
+    # (the messages built and the RSA checks made), not on time.
+    spy = DumpSpy(monkeypatch)
+    raw = {**AUTH, "signature": base64.b64encode(b"\0" * 256).decode(), "k": _deep(850, [0] * 50_000)}
+    auth = AuthData(cost=1, endpoint="e", reqnum=1, request_idx=None, signature=raw["signature"], url=URL,
+                    extra={}, raw=raw)
+    verifier, counting = counting_verifier(key_a)
+    result = await verifier.verify(auth)
+    assert (result.ok, result.reason) == (False, "signature mismatch")
+    assert counting.calls == 2  # url and legacy; the sorted message was over the cap, never built
+    assert all(size <= AUTH_MAX_BYTES for size in spy.sizes)
+    assert sum(spy.sizes) <= 2 * AUTH_MAX_BYTES
+
+
+async def test_a_cached_url_signature_builds_one_message(
+    key_a: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    verifier, _ = counting_verifier(key_a)
+    auth = signed(key_a, "url")
+    assert (await verifier.verify(auth)).ok
+    built: list[str] = []
+    real = proxy.signature.message_for
+
+    def recording(fmt: str, raw: Any, *args: Any) -> bytes | None:
+        built.append(fmt)
+        return real(fmt, raw, *args)
+
+    monkeypatch.setattr(proxy.signature, "message_for", recording)
+    assert (await verifier.verify(auth)).ok
+    assert built == ["url"]  # cheapest first, and nothing more once it hit
+
+
+def _spellings(signature: bytes) -> list[str]:
+    """Every base64 text that b64decode(validate=True) turns into `signature`: the canonical one and
+    the others that differ only in the unused low bits of the last character."""
+    canonical = base64.b64encode(signature).decode()
+    body = canonical.rstrip("=")
+    padding_ = canonical[len(body):]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    texts = [body[:-1] + c + padding_ for c in alphabet]
+    return [t for t in texts if base64.b64decode(t, validate=True) == signature]
+
+
+def test_decode_signature_accepts_only_the_canonical_spelling() -> None:
+    signature = bytes(range(256))  # 256 bytes, like a 2048-bit RSA signature: 4 unused bits, 16 spellings
+    spellings = _spellings(signature)
+    assert len(spellings) == 16
+    assert [decode_signature(t) for t in spellings].count(signature) == 1
+    assert decode_signature(base64.b64encode(signature).decode()) == signature
+    for garbage in ("YWJj\n", "YWJ", "YW==", "YWJj====", "YWJj ", "é", "-_8="):
+        assert decode_signature(garbage) is None
+    assert decode_signature("") == b""  # canonical for no bytes; no signature matches it
+
+
+async def test_other_spellings_of_a_valid_signature_are_refused(key_a: rsa.RSAPrivateKey) -> None:
+    # Today all 16 verified, and a replay window keyed on the text counted them as 16 requests.
+    auth = signed(key_a, "sorted")
+    decoded = base64.b64decode(auth.signature)
+    verifier = Verifier(StaticKeySource(key_a.public_key()))
+    results = [await verifier.verify(auth_of({**auth.raw, "signature": t})) for t in _spellings(decoded)]
+    assert [r.ok for r in results].count(True) == 1
+    assert {r.reason for r in results if not r.ok} == {"bad signature encoding"}
+
+
+async def test_the_result_carries_the_decoded_signature(key_a: rsa.RSAPrivateKey) -> None:
+    verifier = Verifier(StaticKeySource(key_a.public_key()))
+    auth = signed(key_a, "legacy")
+    first = await verifier.verify(auth)
+    cached = await verifier.verify(auth)
+    assert first.signature_bytes == cached.signature_bytes == base64.b64decode(auth.signature)
+    assert (first.fmt, cached.fmt) == ("legacy", "legacy")
+    bad = await verifier.verify(auth_of({**auth.raw, "signature": "not base64!"}))
+    assert bad.signature_bytes is None
+
+
 # -- key sources ----------------------------------------------------------------------------------
 
 
@@ -426,17 +570,42 @@ AUTH_DICTS = st.dictionaries(
 )
 
 
+def _refused_for_size(message: dict[str, Any]) -> bool:
+    """Whether `message_for` may give None for this message: over the cap, or too deep."""
+    over = measure_json(message, limit=AUTH_MAX_BYTES, max_depth=AUTH_MAX_DEPTH, indent=4)
+    return over in (Over.SIZE, Over.DEPTH)
+
+
+def _message_dict(fmt: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """What each format signs, from the protocol reference (missing keys as null)."""
+    if fmt == "url":
+        return {"url": raw.get("url")}
+    if fmt == "sorted":
+        return {k: v for k, v in raw.items() if k not in ("signature", "__request_id")}
+    return {k: raw.get(k) for k in ("cost", "endpoint", "reqnum", "url")}
+
+
 @settings(max_examples=200, deadline=None)
 @given(AUTH_DICTS)
 def test_fuzz_message_for_never_raises(raw: dict[str, Any]) -> None:
+    # Updated for issue 8: a message over the cap (or nested past AUTH_MAX_DEPTH) is now None, not built.
     for fmt in ("url", "sorted", "legacy"):
-        assert isinstance(message_for(fmt, raw), bytes)
+        message = message_for(fmt, raw)
+        fields = _message_dict(fmt, raw)
+        if message is None:
+            assert _refused_for_size(fields)
+        else:
+            assert message == json.dumps(fields, indent=4, sort_keys=fmt != "legacy").encode()
+            assert len(message) <= AUTH_MAX_BYTES
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text() | JSON)
 def test_fuzz_url_message_is_the_indented_json_dump(url: Any) -> None:
-    assert message_for("url", {"url": url}) == json.dumps({"url": url}, indent=4, sort_keys=True).encode()
+    # Updated for issue 8: the same bytes, unless they would be over the cap (then None).
+    expected = json.dumps({"url": url}, indent=4, sort_keys=True).encode()
+    message = message_for("url", {"url": url})
+    assert message == expected or (message is None and _refused_for_size({"url": url}))
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,10 @@
 Each test starts a trio server whose script answers with exact bytes, so framing, pooling and the
 error mapping are checked byte for byte: Content-Length, chunked (piece by piece, extensions,
 trailers, a byte at a time), until close, no body (HEAD, 204), interim 100, keep-alive reuse and
-its limits (Connection: close, a stale pooled connection, a server closing with a request on it),
-502 / 504 before the answer, a broken or silent stream after it, cancellation, header injection.
+its limits (Connection: close, a stale pooled connection, a server closing with a request on it,
+which is never sent again), 502 / 504 before the answer, a broken or silent stream after it,
+cancellation, header injection. The parser's strictness is in tests/test_forward_parser.py, and
+hostile or early answers and stream timeouts in tests/test_forward_hostile_upstream.py.
 """
 
 from __future__ import annotations
@@ -278,10 +280,12 @@ async def test_large_content_length_body_is_streamed(nursery: trio.Nursery, monk
     await fw.aclose()
 
 
+# No whitespace around a chunk size: llhttp refuses it, as h11 does before an extension
+# (tests/test_forward_parser.py); "gzip, chunked" has its own test (tests/test_forward_hostile_upstream.py).
 CHUNKED_WITH_EXTRAS = (
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nTrailer: X-Checksum\r\nX-Kept: yes\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\nX-Kept: yes\r\n\r\n"
     b"5;name=value\r\nhello\r\n"
-    b"7 ; quoted=\"a;b\r\"\t\r\n, world\r\n"
+    b"7;quoted=\"a;b\"\r\n, world\r\n"
     b"A\r\n and more!\r\n"
     b"000\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n"
 )
@@ -289,7 +293,6 @@ CHUNKED_WITH_EXTRAS = (
 
 async def test_chunked_with_extensions_and_trailers(nursery: trio.Nursery) -> None:
     up, fw = await upstream(nursery, serving(CHUNKED_WITH_EXTRAS))
-    # "gzip, chunked" would be odd from a model server, but the framing is chunked all the same
     for _ in range(2):
         result, client = await forward(fw)
         assert result == ForwardResult(200, 22, True)
@@ -365,7 +368,9 @@ async def test_head_and_204_have_no_body(nursery: trio.Nursery) -> None:
     assert client.headers == {b"x-a": b"1"} and client.body == b""
     result, client = await forward(fw, method="HEAD", body=b"")
     assert result.status == 200
-    assert up.accepts == 1  # no body was waited for, and the connection stayed in step
+    # No body was waited for. A HEAD answer's connection is closed (llhttp cannot be told that no
+    # body follows, so what comes after the head is unknown); the 204's connection was reused.
+    assert up.accepts == 2
     await fw.aclose()
 
 
@@ -381,12 +386,14 @@ async def test_interim_100_continue_is_skipped(nursery: trio.Nursery) -> None:
 
 
 async def test_response_hop_by_hop_fields_are_removed(nursery: trio.Nursery) -> None:
+    # (An obs-fold, which this test used to include, is now a 502: tests/test_forward_hostile_upstream.py.)
     up, fw = await upstream(nursery, serving(
         b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\n"
-        b"X-End-To-End: 2\r\nX-Folded: a\r\n  b\r\nContent-Length: 0\r\n\r\n"))
+        b"X-End-To-End: 2\r\nX-Padded: \t a b \t \r\nContent-Length: 0\r\n\r\n"))
     result, client = await forward(fw)
     assert result == ForwardResult(200, 0, True)
-    assert client.headers == {b"x-end-to-end": b"2", b"x-folded": b"a b", b"content-length": b"0"}
+    # whitespace around a value is not part of it (hypercorn would refuse to relay it)
+    assert client.headers == {b"x-end-to-end": b"2", b"x-padded": b"a b", b"content-length": b"0"}
     await fw.aclose()
 
 
@@ -464,19 +471,26 @@ async def test_stale_pooled_connection_is_replaced_transparently(nursery: trio.N
     await fw.aclose()
 
 
-async def test_server_closing_a_reused_connection_as_the_request_arrives_is_retried(nursery: trio.Nursery) -> None:
+async def test_server_closing_a_reused_connection_as_the_request_arrives_is_502_not_retried(
+    nursery: trio.Nursery,
+) -> None:
+    # This test used to expect a retry on a fresh connection: the server then ran the POST twice
+    # (issue 8, finding 11). A request written whole is never sent again; the keep-alive race is
+    # avoided instead by the idle expiry (below servers' keep-alive timeouts) and the stale check.
     async def script(peer: Peer, up: Upstream) -> None:
-        up.requests.append(await peer.request() or b"")
-        await peer.send(OK)
-        if peer.number == 1:
-            await peer.request()  # read the next request, then close without a word (a keep-alive race)
-            return
-        await up.requests_answered(peer, OK)
+        while (request := await peer.request()) is not None:
+            up.requests.append(request)
+            if len(up.requests) == 2:
+                return  # read the second request, then close without a word (a keep-alive race)
+            await peer.send(OK)
 
     up, fw = await upstream(nursery, script)
-    await forward(fw)
-    result, client = await forward(fw)
-    assert result == ForwardResult(200, 11, True) and client.body == b'{"ok":true}'
+    await forward(fw, body=b'{"n":1}')
+    with pytest.raises(UpstreamError) as caught:
+        await forward(fw, body=b'{"n":2}')
+    assert caught.value.status == 502 and not caught.value.refused
+    await forward(fw, body=b'{"n":3}')  # a fresh connection; the server has read all there was
+    assert [r.rpartition(b"\r\n\r\n")[2] for r in up.requests] == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
     assert up.accepts == 2
     await fw.aclose()
 
@@ -495,8 +509,9 @@ async def test_fresh_connection_closed_without_an_answer_is_502_not_retried(nurs
 
 
 async def test_server_dying_with_the_request_on_a_reused_connection_is_502_not_refused(nursery: trio.Nursery) -> None:
-    # The retry finds the port refused: the request may have reached the server, so the handler must
-    # not take it for a refused connection (it would wait for the restart and send it again).
+    # The request reached the server, so the handler must not take this for a refused connection
+    # (it would wait for the restart and send it again). (There is no retry on a fresh connection
+    # either: the request was written whole.)
     async def script(peer: Peer, up: Upstream) -> None:
         await peer.request()
         await peer.send(OK)
@@ -535,9 +550,12 @@ async def test_pooled_connection_reset_before_the_write_then_refused_is_a_refusa
     await fw.aclose()
 
 
-async def test_stale_connection_missed_by_the_check_is_retried(
+async def test_stale_connection_missed_by_the_check_is_502_not_retried(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # This test used to expect a retry. The write to the closed connection succeeds (the kernel
+    # takes the bytes), so nothing proves that the server did not get the request: it is not sent
+    # again. The check that missed here is what prevents this (test_stale_pooled_connection_...).
     async def script(peer: Peer, up: Upstream) -> None:
         up.requests.append(await peer.request() or b"")
         await peer.send(OK)
@@ -548,7 +566,12 @@ async def test_stale_connection_missed_by_the_check_is_retried(
     await forward(fw)
     await pooled_connection_closed(fw)
     monkeypatch.setattr(upstream_module.Connection, "is_stale", lambda self: False)
-    result, _ = await forward(fw)  # written to a closed connection: EOF (or a reset), then a fresh one
+    with pytest.raises(UpstreamError) as caught:
+        await forward(fw)  # written to a closed connection: EOF (or a reset)
+    assert caught.value.status == 502 and not caught.value.refused
+    assert up.accepts == 1
+    monkeypatch.undo()
+    result, _ = await forward(fw)
     assert result == ForwardResult(200, 11, True) and up.accepts == 2
     await fw.aclose()
 
@@ -636,21 +659,33 @@ async def test_silent_server_is_504_after_the_read_timeout(nursery: trio.Nursery
     await fw.aclose()
 
 
+# The reasons after "malformed answer" are llhttp's.
 @pytest.mark.parametrize(("answer", "why"), [
     (b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 70_000 + b"\r\n\r\n", "over 65536 bytes"),
     (b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 70_000, "over 65536 bytes"),  # no end in sight
-    (b"HTTP/1.1 OK\r\nContent-Length: 0\r\n\r\n", "malformed status line"),
-    (b"ICY 200 OK\r\n\r\n", "malformed status line"),
-    (b"HTTP/2 200\r\n\r\n", "malformed status line"),
-    (b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n", "malformed header line"),
-    (b"HTTP/1.1 200 OK\r\nX-Nul: a\x00b\r\n\r\n", "malformed header line"),
-    (b"HTTP/1.1 200 OK\r\nX-Spaces:" + b" " * 60_000 + b"x\x00\r\n\r\n", "malformed header line"),  # no backtracking
-    (b"HTTP/1.1 200 OK\r\nNo colon\r\n\r\n", "malformed header line"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello", "invalid Content-Length"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "invalid Content-Length"),
+    (b"HTTP/1.1 100 Continue\r\nX-Big: " + b"x" * 40_000 + b"\r\n\r\n"  # the heads of one answer together
+     b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 40_000 + b"\r\n\r\n", "over 65536 bytes"),
+    (b"HTTP/1.1 100 Continue\r\n\r\n" * 17 + OK, "over 16 interim"),
+    (b"HTTP/1.1 OK\r\nContent-Length: 0\r\n\r\n", "Invalid status code"),
+    (b"ICY 200 OK\r\n\r\n", "Expected HTTP/"),
+    (b"HTTP/2 200\r\n\r\n", "Expected dot"),
+    (b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n", "HTTP/2.0 is not supported"),
+    (b"HTTP/1.1 600 Nope\r\nContent-Length: 0\r\n\r\n", "status 600 out of range"),
+    (b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n", "Invalid header token"),
+    (b"HTTP/1.1 200 OK\r\nX-Nul: a\x00b\r\n\r\n", "Invalid header value char"),
+    (b"HTTP/1.1 200 OK\r\nX-Spaces:" + b" " * 60_000 + b"x\x00\r\n\r\n", "Invalid header value char"),
+    (b"HTTP/1.1 200 OK\r\nNo colon\r\n\r\n", "Invalid header token"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello", "Invalid character in Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "Invalid character in Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello", "Duplicate Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+     "Transfer-Encoding can't be present with Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", "unsupported transfer coding"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", "unsupported transfer coding"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\nhello", "unsupported transfer coding"),
     (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", "switched protocols"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "before the end of the body"),
-])
+], ids=lambda v: v if isinstance(v, str) else None)
 async def test_bad_answers_are_502_before_anything_is_relayed(nursery: trio.Nursery, answer: bytes, why: str) -> None:
     async def script(peer: Peer, up: Upstream) -> None:
         await peer.request()
