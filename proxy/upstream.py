@@ -524,10 +524,12 @@ class Http11Client:
                 try:
                     await self._send(conn, head, body)
                 except (Disconnected, WriteTimeout) as failure:
-                    early = await self._early_answer(conn, method, idle_timeout)
-                    if early is not None:
-                        return early
-                    if not (reused and isinstance(failure, Disconnected) and failure.unsent):
+                    unsent = isinstance(failure, Disconnected) and failure.unsent
+                    if not unsent:  # else what may be there answers no request of ours (a 408)
+                        early = await self._early_answer(conn, method, idle_timeout)
+                        if early is not None:
+                            return early
+                    if not (reused and unsent):
                         raise
                     # Not one byte went out on a pooled connection the server had reset: the
                     # request provably never reached it, so once more on a fresh connection.

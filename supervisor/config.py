@@ -245,10 +245,12 @@ SETTINGS: tuple[Setting, ...] = (
             256 * 1024 * 1024, "request body bytes held at once over all requests (503 above)", "limits", "N"),
     Setting("allow_h2c", "ALLOW_H2C", "--allow-h2c", _bool, False,
             "accept cleartext HTTP/2 (h2c upgrade, prior knowledge) on the public port", "limits", is_switch=True),
-    Setting("stream_head_timeout", "STREAM_HEAD_TIMEOUT", "--stream-head-timeout", _positive, 300.0,
-            "streaming routes: seconds the model server may take to start its answer (504 after)", "limits", "S"),
-    Setting("stream_idle_timeout", "STREAM_IDLE_TIMEOUT", "--stream-idle-timeout", _positive, 120.0,
-            "streaming routes: seconds of silence between two chunks before the stream is ended", "limits", "S"),
+    Setting("stream_head_timeout", "STREAM_HEAD_TIMEOUT", "--stream-head-timeout", _positive, 600.0,
+            "routes without a read timeout (streams, OpenAI routes): seconds the model server may take to start "
+            "its answer, 504 after (a non-streamed completion's head comes only when it is done)", "limits", "S"),
+    Setting("stream_idle_timeout", "STREAM_IDLE_TIMEOUT", "--stream-idle-timeout", _positive, 300.0,
+            "routes without a read timeout: seconds of silence between two chunks before the answer is ended "
+            "(a first token can wait long in the model server's own queue)", "limits", "S"),
     Setting("metrics_port", "METRICS_PORT", "--metrics-port", _int(0, 65535), 0,
             "admin listener for /status and /metrics (and the probes); 0 = none", "limits", "PORT"),
     Setting("metrics_host", "METRICS_HOST", "--metrics-host", _text, "127.0.0.1",

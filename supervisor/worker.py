@@ -25,7 +25,7 @@ from probes.model_metrics import ModelMetricsProbe
 from proxy.admission import Admission
 from proxy.app import OPEN, Gateway, StatusAccess, create_app
 from proxy.connections import ConnectionGate, ConnectionLimits
-from proxy.forward import Forwarder
+from proxy.forward import Forwarder, ForwardLimits
 from proxy.handler import ProxySettings, RequestHandler
 from proxy.ledger import Ledger
 from proxy.metrics import GpuView, Metrics, MetricsView
@@ -288,7 +288,8 @@ def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
     admission = Admission(ledger, load.capacity, lambda: holder[0].is_ready(),
                           lambda: holder[0].wait_state_change(), hidden_work=load.hidden_work)
     verifier = Verifier(keys, config.signature_format, config.public_url) if keys is not None else None
-    forwarder = Forwarder(config.model_server_url)
+    forwarder = Forwarder(config.model_server_url, ForwardLimits(
+        stream_head_timeout=config.stream_head_timeout, stream_idle_timeout=config.stream_idle_timeout))
     metrics = Metrics(lambda: holder[0].metrics_view())
     access = get_logger("proxy.access")
     handler = RequestHandler(

@@ -22,8 +22,11 @@ from typing import Any
 import pytest
 import trio
 
+from proxy import upstream as upstream_module
 from proxy.forward import Forwarder, ForwardLimits, ForwardResult, UpstreamError
-from tests.test_upstream import OK, Client, Peer, Script, Upstream, forward, serving, upstream
+from tests.test_upstream import (
+    OK, Client, Peer, Script, Upstream, forward, pooled_connection_closed, serving, upstream,
+)
 
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 TOO_LARGE = (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\nContent-Length: 24\r\n"
@@ -227,6 +230,28 @@ async def test_request_whose_body_write_fails_after_its_head_is_not_sent_again(n
         await forward(fw, body=b"x" * (8 * 1024 * 1024))  # head and body in two writes
     assert caught.value.status == 502 and not caught.value.refused
     assert len(up.requests) == 2 and up.accepts == 1  # not written to a second connection
+    await fw.aclose()
+
+
+async def test_request_that_provably_never_left_is_sent_on_a_fresh_connection(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def script(peer: Peer, up: Upstream) -> None:
+        while (request := await peer.request()) is not None:
+            up.requests.append(request)
+            await peer.send(OK)
+            if peer.number == 1:
+                reset_on_close(peer)  # the server drops its idle connection with a reset
+                return
+
+    up, fw = await upstream(nursery, script)
+    await forward(fw, body=b'{"n":1}')
+    await pooled_connection_closed(fw)
+    monkeypatch.setattr(upstream_module.Connection, "is_stale", lambda self: False)  # the race, made certain
+    result, _ = await forward(fw, body=b'{"n":2}')  # the write fails before a byte goes out
+    assert result == ForwardResult(200, 11, True)
+    assert [r.rpartition(b"\r\n\r\n")[2] for r in up.requests] == [b'{"n":1}', b'{"n":2}']
+    assert up.accepts == 2
     await fw.aclose()
 
 
