@@ -1,8 +1,9 @@
 """Checking the signature of a large body before parsing it whole.
 
 Parsing JSON costs time linear in its size, in the event loop (orjson holds the GIL, so a thread would
-not help): about 1.3 ms per MiB of a base64 string, and up to 19 ms per MiB of small numbers. An
-unsigned client could make shepherd pay that for every 64 MiB body it sends. Vast's client always puts
+not help): about a millisecond per MiB of base64 text and several times that for small numbers
+(`python bench/parse_cost.py`). An unsigned client could make shepherd pay that for every 64 MiB body
+it sends; the cut and check below cost tens of microseconds whatever the body's size. Vast's client always puts
 `auth_data` first (`{"auth_data": ..., "payload": ...}`), so for a body over `AUTH_FIRST_ABOVE` bytes
 in secured mode the `auth_data` object is cut out of the body's first few KiB (a bounded scan) and its
 signature checked before anything else is parsed. A large body that does not start with `auth_data`

@@ -90,3 +90,14 @@ async def test_size_limit_before_and_while_reading() -> None:
 async def test_a_client_that_leaves_is_noticed() -> None:
     with BodyBudget(100).hold() as hold, pytest.raises(ClientGone):
         await read_body(CL, receiver([chunk(b"abc")], then_wait=False), 10, hold, 5.0)
+
+
+async def test_a_body_of_known_length_is_filled_in_place_and_must_be_whole() -> None:
+    budget = BodyBudget(100)
+    with budget.hold() as hold:
+        body = await read_body(CL, receiver([chunk(b"ab"), chunk(b"cd"), chunk(b"ef", more=False)]), 10, hold, 5.0)
+        assert body == b"abcdef" and isinstance(body, bytearray) and len(body) == 6
+    with budget.hold() as hold, pytest.raises(ClientGone):  # ended short of its Content-Length
+        await read_body(CL, receiver([chunk(b"ab"), chunk(b"cd", more=False)]), 10, hold, 5.0)
+    with budget.hold() as hold, pytest.raises(BodyTooLarge):  # more than it announced
+        await read_body(CL, receiver([chunk(b"abcd"), chunk(b"efgh", more=False)]), 10, hold, 5.0)
