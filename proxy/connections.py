@@ -36,6 +36,7 @@ MAX_REFUSING = 64  # refusals that may linger a full second at once
 REFUSAL_TIMEOUT = 2.0  # seconds a refusal (or the TLS handshake before it) may take to write
 LINGER, SHORT_LINGER = 1.0, 0.05  # seconds a refused connection's input is read before closing
 
+
 def _answer(status: bytes, body: bytes, extra: bytes = b"") -> bytes:
     return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n" + extra
             + b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
@@ -139,10 +140,10 @@ class GuardedTCPServer(TCPServer):
         await super().protocol_send(event)
 
     async def _read_data(self) -> None:
-        if not self.limits.allow_h2c:
-            inner = self.protocol.protocol
-            if isinstance(inner, H11Protocol):
-                inner._check_protocol = _ignore_upgrade  # type: ignore[method-assign]
+        # HTTP/1.1 to begin with (not HTTP/2 negotiated by ALPN): the only case where h2c could start.
+        refuse_h2c = not self.limits.allow_h2c and isinstance(self.protocol.protocol, H11Protocol)
+        if refuse_h2c:
+            self.protocol.protocol._check_protocol = _ignore_upgrade  # type: ignore[method-assign]
         first = True
         while True:
             try:
@@ -155,24 +156,28 @@ class GuardedTCPServer(TCPServer):
                     await self._send_and_close(HEAD_TIMEOUT)
                     return
                 continue
-            if first and not self.limits.allow_h2c and data.startswith(b"PRI * HTTP/2.0"):
+            if first and refuse_h2c and data.startswith(b"PRI * HTTP/2.0"):
                 await self._send_and_close(NO_H2C)
                 return
             first = False
             await self.protocol.handle(RawData(bytes(data)))
             if data == b"":
                 break
-            if not self._busy and self._head_deadline == inf:
-                # The first bytes of a new head on a kept-alive connection: the clock starts now.
+            if not self._busy and self._head_deadline == inf and isinstance(self.protocol.protocol, H11Protocol):
+                # The first bytes of a new head on a kept-alive connection: the clock starts now. (Not
+                # on HTTP/2, where an idle connection carries pings and window updates that start no
+                # request; its idle time is the keep-alive timer's.)
                 self._head_deadline = trio.current_time() + self.limits.header_timeout
         await self.protocol.handle(Closed())
 
     async def _send_and_close(self, answer: bytes) -> None:
-        with trio.move_on_after(REFUSAL_TIMEOUT):
-            try:
-                async with self.send_lock:
-                    await self.stream.send_all(answer)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
-                pass
+        """Answer in HTTP/1.1 (only on an HTTP/1.1 connection: HTTP/2 by ALPN is just closed), then close."""
+        if isinstance(self.protocol.protocol, H11Protocol):
+            with trio.move_on_after(REFUSAL_TIMEOUT):
+                try:
+                    async with self.send_lock:
+                        await self.stream.send_all(answer)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
+                    pass
         await self.idle_task.stop()  # hypercorn's keep-alive timer would hold the connection's task group
         await self.protocol.handle(Closed())

@@ -11,7 +11,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import ssl
+from pathlib import Path
+
+import httpx
 import trio
+import trustme
 
 from proxy.connections import ConnectionGate, ConnectionLimits
 from proxy.server import ServerSettings, run_server
@@ -44,14 +49,17 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @asynccontextmanager
-async def serving(limits: ConnectionLimits) -> AsyncIterator[tuple[int, ConnectionGate]]:
+async def serving(
+    limits: ConnectionLimits, certfile: str | None = None, keyfile: str | None = None
+) -> AsyncIterator[tuple[int, ConnectionGate]]:
     port = free_port()
     gate = ConnectionGate(limits)
     stop = trio.Event()
+    settings = ServerSettings("127.0.0.1", port, graceful_timeout=0.5, limits=limits, certfile=certfile,
+                              keyfile=keyfile)
     async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: run_server(
-            app, ServerSettings("127.0.0.1", port, graceful_timeout=0.5, limits=limits), stop.wait,
-            task_status=task_status, gate=gate))
+        await nursery.start(lambda task_status: run_server(app, settings, stop.wait, task_status=task_status,
+                                                           gate=gate))
         try:
             yield port, gate
         finally:
@@ -184,3 +192,23 @@ def test_the_gate_forgets_addresses_that_left() -> None:
     gate.leave("a")
     gate.leave("b")
     assert gate.open == 0 and not gate._per_ip and gate.refused == 2
+
+
+async def test_tls_a_silent_client_is_closed_and_http2_answers_outlive_the_head_timeout(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    async with serving(ConnectionLimits(header_timeout=0.5), str(certfile), str(keyfile)) as (port, gate):
+        silent = await connect(port)  # never starts its TLS handshake
+        with trio.fail_after(DEADLINE):
+            assert await silent.receive_some(100) == b""  # closed by the server
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        async with httpx.AsyncClient(http2=True, verify=context, timeout=DEADLINE) as client:
+            answer = await client.get(f"https://127.0.0.1:{port}/slow-stream")
+            assert answer.http_version == "HTTP/2" and answer.text.count("tick") == 4  # 1.2 s > 0.5 s
+            await trio.sleep(0.8)  # idle HTTP/2 connection: not a head that is late
+            again = await client.get(f"https://127.0.0.1:{port}/after")
+            assert again.http_version == "HTTP/2" and again.text.endswith("GET /after")
