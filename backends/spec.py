@@ -62,7 +62,8 @@ class Route:
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """A model server kind. Patterns are substrings, or regexes when prefixed with `re:`."""
+    """A model server kind. Patterns are substrings, regexes after `re:`, or JSON field tests after `json:`
+    (supervisor/rules.py)."""
 
     name: str
     description: str

@@ -17,6 +17,20 @@ This module owns the queueing policy in front of the model server. For one reque
    longer than `max_queue_time`, which is exactly what 429 tells Vast's client. A waiter whose client
    leaves (its task is cancelled) leaves the FIFO without holding up the ones behind it.
 
+After admission, a request that meets a dead model server (`wait_comeback`: its connection was
+refused, or reset before any answer, so it never ran) is held until the server is `ready` again and
+then sent once more, all within `max_queue_time` of its first failure: a crash and restart lose
+nothing. Not back by then: 503 with Retry-After; draining meanwhile: 503. A server that refuses
+while `ready` has usually just died: the supervisor says so within moments (the exit flips the
+state at once), and `server_gone` (the supervised process has exited) tells a death the state
+machine has not caught up with yet from a refusal that is real (a server someone else runs, attach
+mode): only the latter gives up, after `down_within` (1 s), with a 502.
+
+Waiting for a change of readiness subscribes before it looks (`ready_changed()` takes the current
+change event when called): a change made between the look and the wait is never missed. It once
+was, when trio ran the lifecycle's step before the waiter's in one batch: the request then slept
+through `ready` until its deadline.
+
 `Retry-After` on a 429 is the estimated excess wait rounded up; on a 503 it is
 `unavailable_retry_after`; either is kept within 1 s and `MAX_RETRY_AFTER` (300 s). Workloads are
 the client's to declare (clamped per route, `proxy.envelope.workload_of`), so the estimate can be
@@ -30,6 +44,8 @@ cancelled) is the caller's job, after the `async with`.
 
 from __future__ import annotations
 
+import enum
+import inspect
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -54,13 +70,26 @@ class Rejected(Exception):
         self.reason = reason
 
 
+class Comeback(enum.Enum):
+    """What `wait_comeback` found for a request that met a dead model server."""
+
+    RETRY = "retry"  # it went down and is ready again: send the request once more
+    NOT_DOWN = "not down"  # it never went down: the refusal is real (502)
+    NOT_BACK = "not back"  # down, and not ready again before the deadline (503)
+    DRAINING = "draining"  # the worker is going away (503)
+
+
 class Admission:
     """Per-request admission decisions over one ledger.
 
     `capacity()` is the measured throughput in workload units per second (0 while unknown);
-    `is_ready()` whether the model server takes requests; `ready_changed()` returns once readiness
-    may have changed (e.g. waits on the lifecycle's state-change event). `wall_clock` stamps the
-    ledger's `work_started_at`; deadlines use trio's clock.
+    `is_ready()` whether the model server takes requests; `ready_changed()` gives an awaitable that
+    returns once readiness may have changed after the call (e.g. the `wait()` of the lifecycle's
+    current state-change event): it must take that event when called, not when first awaited, or
+    a change between the call and the wait is missed. `server_gone()` is True
+    when the supervised model server's process has exited, even before the state says so (always
+    False when shepherd does not run the server). `wall_clock` stamps the ledger's
+    `work_started_at`; deadlines use trio's clock.
     """
 
     def __init__(
@@ -73,8 +102,10 @@ class Admission:
         wall_clock: Callable[[], float] = time.time,
         unavailable_retry_after: int = 5,
         hidden_work: Callable[[], float] = lambda: 0.0,
+        server_gone: Callable[[], bool] = lambda: False,
     ) -> None:
         self._ledger = ledger
+        self._server_gone = server_gone
         self._capacity = capacity
         self._is_ready = is_ready
         self._ready_changed = ready_changed
@@ -89,6 +120,11 @@ class Admission:
     @property
     def draining(self) -> bool:
         return self._drain.is_set()
+
+    @property
+    def unavailable_retry_after(self) -> int:
+        """The Retry-After of a 503 (not ready, draining), in seconds."""
+        return min(max(self._unavailable_retry_after, 1), MAX_RETRY_AFTER)
 
     def set_draining(self) -> None:
         """Refuse new requests and wake those waiting for readiness (they get 503). Requests already
@@ -160,34 +196,70 @@ class Admission:
         finally:
             fifo.release()
 
-    async def wait_comeback(self, route: Route, down_within: float = 1.0) -> bool:
-        """The model server refused a connection although it was `ready`: it has probably just died
-        and the supervisor is about to notice. True once it went down and came back ready within the
-        route's `max_queue_time` (the request is then retried: a short restart loses nothing); False
-        when it never went down (the refusal is real) or did not come back in time."""
-        with trio.move_on_after(down_within):
-            while self._is_ready() and not self.draining:
-                await self._ready_changed()
-        if self._is_ready() or self.draining:
-            return False
-        await self._wait_ready(trio.current_time() + route.max_queue_time)
-        return self._is_ready() and not self.draining
+    async def wait_comeback(self, deadline: float, down_within: float = 1.0) -> Comeback:
+        """The model server refused a request (no connection, or one reset before any answer):
+        it has probably just died. Wait until it is `ready` again, at most until `deadline` (trio's
+        clock): RETRY then. While the state still says `ready`, the death is awaited `down_within`
+        seconds at most, unless `server_gone()` confirms it: a server that neither goes down nor is
+        gone by then really refuses (NOT_DOWN). NOT_BACK when it is not ready by the deadline;
+        DRAINING as soon as the worker drains."""
+        changed = self._ready_changed()
+        if self._is_ready() and not self.draining:
+            # Any change of state from `ready` is the server going down (it may be back already).
+            bound = deadline if self._server_gone() else min(deadline, trio.current_time() + down_within)
+            if not await self._changed_by(changed, bound) and not self.draining:
+                if not self._server_gone():
+                    return Comeback.NOT_DOWN
+                # It has exited; the supervisor, busy or slow, has not said so yet: it will.
+                changed = self._ready_changed()
+                if self._is_ready():
+                    await self._changed_by(changed, deadline)
+                else:
+                    _discard(changed)
+        else:
+            _discard(changed)
+        await self._wait_ready(deadline)
+        if self.draining:
+            return Comeback.DRAINING
+        return Comeback.RETRY if self._is_ready() else Comeback.NOT_BACK
 
     async def _wait_ready(self, deadline: float) -> None:
         with trio.move_on_at(deadline):
-            while not self._is_ready() and not self.draining:
-                async with trio.open_nursery() as nursery:
+            while True:
+                # Subscribed before the look: a change from here on wakes the wait, even one
+                # made before the wait begins (trio runs the tasks of one batch in any order).
+                changed = self._ready_changed()
+                if self._is_ready() or self.draining:
+                    _discard(changed)
+                    return
+                await self._change_or_drain(changed)
 
-                    async def wake(wait: Callable[[], Awaitable[None]]) -> None:
-                        await wait()
-                        nursery.cancel_scope.cancel()
+    async def _changed_by(self, changed: Awaitable[None], deadline: float) -> bool:
+        """Wait for `changed` (or draining) until `deadline`; True if it came."""
+        with trio.move_on_at(deadline):
+            await self._change_or_drain(changed)
+            return True
+        return False
 
-                    nursery.start_soon(wake, self._ready_changed)
-                    nursery.start_soon(wake, self._drain.wait)
+    async def _change_or_drain(self, changed: Awaitable[None]) -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def wake(wait: Awaitable[None]) -> None:
+                await wait
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wake, changed)
+            nursery.start_soon(wake, self._drain.wait())
 
     def _reject(self, record: RequestRecord, status: int, retry_after: int, reason: str) -> NoReturn:
         self._ledger.reject(record, self._wall_clock(), status)
         raise Rejected(status, min(max(retry_after, 1), MAX_RETRY_AFTER), reason)
+
+
+def _discard(wait: Awaitable[None]) -> None:
+    """Drop a wait that will not be awaited (a coroutine left unawaited is warned about)."""
+    if inspect.iscoroutine(wait):
+        wait.close()
 
 
 def _seconds(value: float) -> int:

@@ -20,6 +20,8 @@ request for good.
 Error mapping, before the answer has started: refused / reset / bad protocol -> 502, timeout -> 504
 (an answer the model server sent before it stopped reading the request, a 413, is relayed as it is).
 Once the answer has started its status is out, so a failure mid-stream ends the stream early.
+`UpstreamError.unserved` marks the failures after which the request provably never ran (refused, or
+reset before any answer byte): the handler may hold such a request for the server's comeback.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from urllib.parse import urlsplit
 from proxy.upstream import (
     ConnectRefused,
     ConnectTimeout,
+    Disconnected,
     Http11Client,
     PoolTimeout,
     ReadTimeout,
@@ -82,11 +85,19 @@ class ForwardLimits:
 
 
 class UpstreamError(Exception):
-    def __init__(self, status: int, reason: str, refused: bool = False) -> None:
+    def __init__(self, status: int, reason: str, refused: bool = False, reset: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.refused = refused  # no connection was made: the request never reached the model server
+        # The connection was reset before any byte of an answer (or the request could not be
+        # written at all): the server never read the whole request (see upstream.Disconnected).
+        self.reset = reset
+
+    @property
+    def unserved(self) -> bool:
+        """The request provably never ran on the model server: sending it again cannot run it twice."""
+        return self.refused or self.reset
 
 
 @dataclass
@@ -99,11 +110,13 @@ class ForwardResult:
 _TIMEOUTS = (ConnectTimeout, PoolTimeout, ReadTimeout, WriteTimeout)
 
 
-def _upstream_error(exc: UpstreamFailure) -> UpstreamError:
+def _upstream_error(exc: UpstreamFailure, answered: bool = False) -> UpstreamError:
+    """`answered`: the answer's head had come (a reset after it is no sign of an unread request)."""
     if isinstance(exc, _TIMEOUTS):
         return UpstreamError(504, f"model server timed out ({type(exc).__name__}: {exc})")
+    reset = not answered and isinstance(exc, Disconnected) and (exc.reset or exc.unsent)
     return UpstreamError(502, f"model server unreachable ({type(exc).__name__}: {exc})",
-                         refused=isinstance(exc, ConnectRefused))
+                         refused=isinstance(exc, ConnectRefused), reset=reset)
 
 
 def _relayed_headers(headers: list[tuple[bytes, bytes]], codings: list[bytes]) -> list[tuple[bytes, bytes]]:
@@ -240,7 +253,7 @@ class Forwarder:
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
         except UpstreamFailure as exc:
-            error = _upstream_error(exc)
+            error = _upstream_error(exc, answered=True)
             if not started:
                 raise error from None
             return ForwardResult(error.status, sent, False)

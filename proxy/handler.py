@@ -5,7 +5,9 @@ For each request: read the body within its size, time and memory limits (413 / 4
 parsing the rest (`proxy/auth_first.py`) -> parse the Vast envelope (422) -> check the signature (401)
 -> admit it in the ledger -> wait for a slot (429 / 503) -> forward the payload -> relay the answer ->
 finish the ledger entry -> one access event. A client that leaves cancels the upstream request at
-once and is counted `Cancelled`.
+once and is counted `Cancelled`. A request the model server never ran (refused, or reset before any
+answer: it had just died) waits for its comeback and is sent again (`Admission.wait_comeback`; 503
+when it is not back within `max_queue_time`); one it may have run is never sent twice (502).
 
 Everything that can fail on the client's input fails before `ledger.admit`; everything after it runs
 inside one `try/finally` that finishes the record, so no exception can leave a request counted as in
@@ -25,7 +27,7 @@ import trio
 from structlog import get_logger
 
 from backends.spec import Route
-from proxy.admission import Admission, Rejected
+from proxy.admission import Admission, Comeback, Rejected
 from proxy.auth_first import AUTH_FIRST_ABOVE, auth_data_prefix
 from proxy.body import BodyBudget, BodyTimeout, BodyTooLarge, BudgetFull, ClientGone, read_body
 from proxy.envelope import AUTH_MAX_BYTES, Envelope, EnvelopeError, parse_envelope, workload_of
@@ -237,17 +239,30 @@ class RequestHandler:
                 scope["headers"], scope.get("query_string", b""), client_host=client[0] if client else None,
                 scheme=self.settings.scheme, strip_credentials=self.verifier is not None,
             )
+            comeback_by: float | None = None  # trio time: how long it may wait for the server to come back
+            unavailable: Comeback | None = None
             try:
-                try:
-                    result = await self.forwarder.forward(
-                        scope["method"], route.target, query, headers, payload, route.timeout, relay,
-                    )
-                except UpstreamError as exc:
-                    if not (exc.refused and await self.admission.wait_comeback(route)):
-                        raise
-                    result = await self.forwarder.forward(
-                        scope["method"], route.target, query, headers, payload, route.timeout, relay,
-                    )
+                while True:
+                    try:
+                        result = await self.forwarder.forward(
+                            scope["method"], route.target, query, headers, payload, route.timeout, relay,
+                        )
+                        break
+                    except UpstreamError as exc:
+                        # A request the server never ran (refused, or reset before any answer: it
+                        # died, or is dying) waits for its restart, then goes again; one it may have
+                        # run is never sent twice (a 502). The wait, over however many crashes,
+                        # is bounded by one max_queue_time from the first failure.
+                        if not exc.unserved:
+                            raise
+                        if comeback_by is None:
+                            comeback_by = trio.current_time() + route.max_queue_time
+                        verdict = await self.admission.wait_comeback(comeback_by)
+                        if verdict is Comeback.NOT_DOWN:
+                            raise
+                        if verdict is not Comeback.RETRY:
+                            unavailable = verdict
+                            break
             except UpstreamError as exc:
                 # Raised out of the nursery it would arrive wrapped in an ExceptionGroup (trio's
                 # strict groups) and miss the caller's `except UpstreamError`: a 502/504 became 500.
@@ -255,6 +270,13 @@ class RequestHandler:
             nursery.cancel_scope.cancel()
         if upstream_error is not None:
             raise upstream_error
+        if unavailable is not None:
+            # Nothing was relayed: the client is told to come back, as while the worker loads.
+            retry_after = self.admission.unavailable_retry_after
+            error = "draining" if unavailable is Comeback.DRAINING else "model server restarting, not back in time"
+            await send_json(send, 503, {"error": error, "retry_after": retry_after},
+                            [(b"retry-after", str(retry_after).encode())])
+            return 503, 0
         if result is None:
             return 499, 0
         return result.status, result.bytes_sent

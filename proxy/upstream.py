@@ -34,7 +34,10 @@ written again, once, to a fresh connection. A request written whole, or in part,
 (a POST to a model server is not idempotent: it could run twice). When a write fails, an answer the
 server sent before it stopped reading (a 413, then a close) is read and returned as the answer.
 
-Errors are `UpstreamFailure` subclasses; `proxy.forward` maps them to 502 / 504.
+Errors are `UpstreamFailure` subclasses; `proxy.forward` maps them to 502 / 504. A `Disconnected`
+says whether the connection was reset before any byte of an answer (`reset`): a kernel resets a
+connection closed with data unread in it, so the server never read the whole request (it died with
+the request in its listen queue, say), unlike a server that read it and then closed (EOF).
 """
 
 from __future__ import annotations
@@ -96,9 +99,14 @@ class WriteTimeout(UpstreamFailure):
 class Disconnected(UpstreamFailure):
     """The connection broke or closed (EOF, reset, TLS error) before the exchange was complete."""
 
-    def __init__(self, reason: str, unsent: bool = False) -> None:
+    def __init__(self, reason: str, unsent: bool = False, reset: bool = False) -> None:
         super().__init__(reason)
         self.unsent = unsent  # writing the request failed before a single byte of it was written
+        # Reset (RST), not closed, and no byte of an answer came. A kernel resets a connection that
+        # is closed with data still unread in it (a server that died with our request in its listen
+        # queue or its socket): the server never read the whole request, so it never ran it. A
+        # server that read it and then died closes the connection instead (EOF).
+        self.reset = reset
 
 
 class ProtocolFailure(UpstreamFailure):
@@ -110,8 +118,13 @@ def _lost(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" + (f" ({cause})" if cause is not None and str(cause) else "")
 
 
+def _is_reset(exc: BaseException) -> bool:
+    """The connection was reset (ECONNRESET), here or in what the exception wraps (TLS)."""
+    return any(isinstance(e, ConnectionResetError) for e in (exc, exc.__cause__, exc.__context__))
+
+
 def _send_failed(exc: BaseException, unsent: bool) -> Disconnected:
-    return Disconnected(f"sending the request failed ({_lost(exc)})", unsent=unsent)
+    return Disconnected(f"sending the request failed ({_lost(exc)})", unsent=unsent, reset=_is_reset(exc))
 
 
 class Connection:
@@ -176,7 +189,7 @@ class Connection:
         except BlockingIOError:
             return None
         except OSError as exc:
-            raise Disconnected(f"connection lost ({_lost(exc)})") from None
+            raise Disconnected(f"connection lost ({_lost(exc)})", reset=_is_reset(exc)) from None
         self.drained = len(data) < RECEIVE_SIZE
         return data
 
@@ -226,7 +239,7 @@ class TLSConnection(Connection):
             with trio.CancelScope(deadline=deadline):
                 return await self.stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise Disconnected(f"connection lost ({_lost(exc)})") from None
+            raise Disconnected(f"connection lost ({_lost(exc)})", reset=_is_reset(exc)) from None
         raise ReadTimeout
 
     def is_stale(self) -> bool:
@@ -413,6 +426,10 @@ class Response:
                 data = await conn.receive(deadline)
             except ReadTimeout:
                 raise ReadTimeout(f"no answer from the model server within {timeout:g}s") from None
+            except Disconnected as exc:
+                if self._head_bytes:
+                    exc.reset = False  # an answer had begun: the server had read the request
+                raise
             if not data:
                 raise Disconnected("the model server closed the connection before answering")
             self._feed_head(data)

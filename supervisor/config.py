@@ -141,7 +141,7 @@ def _patterns(text: str) -> tuple[str, ...]:
     try:
         LogRules.build(load=patterns)  # compiled here so a bad regex is a config error (exit 2)
     except ValueError as exc:
-        raise ValueError(f"expected substrings or re:<valid regex> ({exc})") from None
+        raise ValueError(f"expected substrings, re:<valid regex> or json:<key=value,...> ({exc})") from None
     return patterns
 
 
@@ -175,7 +175,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("health_endpoint", "MODEL_HEALTH_ENDPOINT", "--health-endpoint", _path, None,
             "health path on the model server (default: the backend's)", "model server", "PATH"),
     Setting("load_patterns", "MODEL_LOAD_LOG_MSG", "--load-log-msg", _patterns, None,
-            "log line(s) that mean 'loaded', newline-separated; substring, or regex with re: "
+            "log line(s) that mean 'loaded', newline-separated; substring, regex with re:, or JSON field tests "
+            "with json: (json:message=Connected,target^=text_generation_router) "
             "(default: the backend's)", "model server", "TEXT"),
     Setting("error_patterns", "MODEL_ERROR_LOG_MSGS", "--error-log-msgs", _patterns, None,
             "log lines that mean 'broken, restart', newline-separated (default: the backend's)", "model server", "TEXT"),
@@ -193,6 +194,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("load_timeout", "LOAD_TIMEOUT", "--load-timeout", _seconds, 0.0,
             "restart a server not ready after this many seconds; 0 = wait forever (loads can take long)",
             "lifecycle", "S"),
+    Setting("load_line_grace", "LOAD_LINE_GRACE", "--load-line-grace", _seconds, 30.0,
+            "once the health path answers 200, wait this long (from the start) for the load line, then go on "
+            "without it and warn; 0 = wait for the line for good", "lifecycle", "S"),
     Setting("health_interval", "HEALTH_INTERVAL", "--health-interval", _positive, 5.0,
             "seconds between health checks once ready", "lifecycle", "S"),
     Setting("health_timeout", "HEALTH_TIMEOUT", "--health-timeout", _positive, 5.0,
@@ -305,6 +309,7 @@ class Config:
     stop_timeout: float
     drain_timeout: float
     load_timeout: float
+    load_line_grace: float
     health_interval: float
     health_timeout: float
     unhealthy_timeout: float
@@ -491,6 +496,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         stop_timeout=values["stop_timeout"],
         drain_timeout=values["drain_timeout"],
         load_timeout=values["load_timeout"],
+        load_line_grace=values["load_line_grace"],
         health_interval=values["health_interval"],
         health_timeout=values["health_timeout"],
         unhealthy_timeout=values["unhealthy_timeout"],

@@ -5,9 +5,19 @@ Two modes share the readiness logic:
 - attach: shepherd follows MODEL_LOG of a server someone else runs; errors make it `failed` until
   the server shows a new load line (or answers its health check again).
 
-Each run of the server gets a `Run`: its own event channel and load flag, so late output from a
-stopped server can never mark its successor loaded or broken. The first event a run receives
-(exit, error line, load timeout, lasting ill health, SIGHUP, shutdown) ends it.
+Each run of the server gets a `Run`: its own event channel and load flag, and its output is read
+into that run only, so late output from a stopped server can never mark its successor loaded or
+broken. The first event a run receives (exit, error line, load timeout, lasting ill health, SIGHUP,
+shutdown) ends it, and the state says so at once (`restarting` or `failed`), before the old tree is
+stopped: requests wait for the next `ready` instead of meeting a dead or dying server. The exit of
+the server's process ends its run as soon as it happens: the lines it printed before it died (a
+fatal line, the end of a traceback) are read first, and the pipes, which its workers may hold open
+for long, are read to EOF in the background (up to PIPE_DRAIN_TIMEOUT after the tree is stopped).
+An exit's reason quotes the last stderr lines (`ModelProcess.last_stderr`).
+
+Readiness needs the load line when the backend has one, but a load line that never comes must not
+leave a worker stuck without a word: once the health path answers 200 and the line has not been seen
+within `load_line_grace`, the run goes on to warm-up with a warning that names the pattern.
 
 `last_error` is public (`/status`) and often quotes a model line: it holds only redacted text (its
 setter applies `redact`, by default the state machine's, so reasons and last_error are masked alike).
@@ -18,20 +28,22 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
 from probes.health import HealthProbe
 from supervisor.logs import get_logger
-from supervisor.process import ModelProcess, pump, spawn, stop_tree, track
+from supervisor.process import ModelProcess, PipeReader, spawn, stop_tree, track
 from supervisor.restart import RestartPolicy
 from supervisor.rules import Kind, LogRules
 from supervisor.states import State, StateMachine
-from supervisor.tail import follow
+from supervisor.tail import follow, history_load_hint
 
 HEALTH_FAILURES_FOR_UNHEALTHY = 3  # one slow answer from a busy server is not ill health
 HEALTH_RETRY_MIN, HEALTH_RETRY_MAX = 0.1, 1.0  # probing a server that is still loading
-PIPE_DRAIN_TIMEOUT = 2.0  # after the tree is dead, the last output still arrives
+PIPE_DRAIN_TIMEOUT = 2.0  # after the tree is stopped, its last output is still read (in the background)
+LOAD_LINE_GRACE = 30.0  # default of LifecycleSettings.load_line_grace (LOAD_LINE_GRACE)
 
 Warmup = Callable[[], Awaitable[None]]
 
@@ -87,6 +99,18 @@ class LifecycleSettings:
     load_timeout: float  # 0: none
     health_interval: float
     unhealthy_timeout: float  # 0: never restart for ill health
+    # Seconds after the start to wait for the load line once the health path answers 200; then
+    # go on without it, with a warning. 0: wait for the line as long as the load takes.
+    load_line_grace: float = LOAD_LINE_GRACE
+
+
+@dataclass(frozen=True)
+class _Next:
+    """What follows a supervised run: exit with `exit_code`, or (None) restart after `delay`."""
+
+    exit_code: int | None
+    delay: float = 0.0
+    why: str = ""  # the reason of the next `starting`
 
 
 class Lifecycle:
@@ -110,6 +134,7 @@ class Lifecycle:
         self.warmup = warmup
         self.model: ModelProcess | None = None
         self.owned_pids: set[int] = set()
+        self._spawning = False  # a process may exist whose pid is not in owned_pids yet
         self.restarts = 0
         self._last_error = ""
         self.lines_seen = 0
@@ -127,11 +152,20 @@ class Lifecycle:
     def last_error(self, text: str) -> None:
         self._last_error = self._redact(text) if text else ""
 
+    def owned(self) -> set[int] | None:
+        """The pids trio waits on, which the reaper must leave alone; None while a spawn is under
+        way: the new server can exit (and be a zombie) before its pid is known here, and a reaper
+        that took it would steal its exit code (trio then reads 0 for a crash)."""
+        return None if self._spawning else set(self.owned_pids)
+
     # -- control from outside (signals, shutdown)
 
     def request_restart(self, reason: str) -> None:
         if not self.settings.command:
             self._log.warning("restart.ignored", reason=reason, why="attach mode: the server is not ours")
+            return
+        if self.machine.state is State.DRAINING:
+            self._log.warning("restart.ignored", reason=reason, why="draining: requests in flight still need the server")
             return
         self._run.end(Outcome("hup", reason))
 
@@ -141,112 +175,156 @@ class Lifecycle:
 
     # -- model output
 
+    def on_history(self, lines: list[str]) -> None:
+        """(attach mode) What MODEL_LOG held when shepherd started: never acted on as errors (they
+        are the last boot's); a load line it ends on counts as the load line, a hint that the health
+        check and the warm-up confirm."""
+        hint = history_load_hint(lines, self.rules)
+        if hint is not None:
+            self._log.info("model.load_line_in_history", line=hint)
+            self._run.load_seen.set()
+
     def on_line(self, stream: str, line: str) -> None:
-        self.lines_seen += 1
+        """A line of the current run's server (attach mode: a line of MODEL_LOG)."""
         model = self.model
-        self._model_log.info("model.log", stream=stream, line=line, pid=model.pid if model else None)
+        self._on_line(self._run, model.pid if model else None, stream, line)
+
+    def _sink(self, run: Run, model: ModelProcess) -> Callable[[str, str], None]:
+        """The line sink of one supervised run: its lines reach its own run only, however late."""
+        pid = model.pid
+
+        def sink(stream: str, line: str) -> None:
+            self._on_line(run, pid, stream, line)
+
+        return sink
+
+    def _on_line(self, run: Run, pid: int | None, stream: str, line: str) -> None:
+        self.lines_seen += 1
+        self._model_log.info("model.log", stream=stream, line=line, pid=pid)
         match = self.rules.match(line)
         if match is None:
             return
         if match.kind is Kind.LOADED:
-            self._run.load_seen.set()
+            run.load_seen.set()
         elif match.kind is Kind.INFO:
             self._log.info("model.info", line=line, pattern=match.pattern)
         elif match.kind is Kind.ERROR:
-            self._run.end(Outcome("error", f"error line: {line}"))
+            run.end(Outcome("error", f"error line: {line}"))
         elif match.kind is Kind.FATAL:
-            self._run.end(Outcome("fatal", f"fatal line: {line}"))
+            run.end(Outcome("fatal", f"fatal line: {line}"))
 
     # -- supervised mode
 
     async def supervise(self) -> int:
         """Run the server until shutdown (returns 0) or giving up (returns 1)."""
-        while True:
-            outcome = await self._supervised_run()
-            now = trio.current_time()
-            if outcome.kind == "shutdown" or self._stop.is_set():
-                return 0
-            self.policy.on_not_ready()
-            if outcome.kind == "hup":
-                self.restarts += 1
-                self.machine.to(State.RESTARTING, outcome.reason)
-                self.machine.to(State.STARTING, "restart requested")
-                continue
-            self.last_error = outcome.reason
-            decision = self.policy.on_failure(now)
-            if outcome.kind in ("fatal", "spawn_failed") or decision.give_up:
-                why = outcome.reason if outcome.kind in ("fatal", "spawn_failed") else (
-                    f"gave up after {decision.failures_since_ready} failures without reaching ready; last: {outcome.reason}"
-                )
-                self.machine.to(State.FAILED, why)
-                return 1
-            self.restarts += 1
-            self.machine.to(State.RESTARTING, f"{outcome.reason}; restart in {decision.delay:.1f}s")
-            with trio.move_on_after(decision.delay):
-                await self._stop.wait()
-            if self._stop.is_set():
-                return 0
-            self.machine.to(State.STARTING, f"restart {self.restarts}")
+        # The pipes of stopped servers are read to their end here, while the next run goes on.
+        async with trio.open_nursery() as leftovers:
+            while True:
+                after = await self._supervised_run(leftovers)
+                if after.exit_code is not None:
+                    return after.exit_code
+                if after.delay:
+                    with trio.move_on_after(after.delay):
+                        await self._stop.wait()
+                if self._stop.is_set():
+                    return 0
+                self.machine.to(State.STARTING, after.why)
 
-    async def _supervised_run(self) -> Outcome:
+    def _after(self, outcome: Outcome) -> _Next:
+        """Decide what follows a run's end, and say it at once: the state leaves `ready` the moment
+        the run ends, before its tree is stopped (which can take STOP_TIMEOUT)."""
+        if outcome.kind == "shutdown" or self._stop.is_set():
+            return _Next(0)
+        if self.machine.state is State.DRAINING:
+            # shepherd is going away: a server that ends now is not restarted (nor a reason to fail)
+            return _Next(0)
+        self.policy.on_not_ready()
+        if outcome.kind == "hup":
+            self.restarts += 1
+            self.machine.to(State.RESTARTING, outcome.reason)
+            return _Next(None, why="restart requested")
+        self.last_error = outcome.reason
+        decision = self.policy.on_failure(trio.current_time())
+        if outcome.kind in ("fatal", "spawn_failed") or decision.give_up:
+            why = outcome.reason if outcome.kind in ("fatal", "spawn_failed") else (
+                f"gave up after {decision.failures_since_ready} failures without reaching ready; last: {outcome.reason}"
+            )
+            self.machine.to(State.FAILED, why)
+            return _Next(1)
+        self.restarts += 1
+        self.machine.to(State.RESTARTING, f"{outcome.reason}; restart in {decision.delay:.1f}s")
+        return _Next(None, decision.delay, f"restart {self.restarts}")
+
+    async def _supervised_run(self, leftovers: trio.Nursery) -> _Next:
         run = self._run = Run.new()
         if self._stop.is_set():
-            return Outcome("shutdown", "shutdown requested")
+            return _Next(0)
         try:
-            model = await spawn(self.settings.command, self.settings.env)
+            self._spawning = True
+            try:
+                model = await spawn(self.settings.command, self.settings.env)
+            finally:
+                self._spawning = False  # and its pid is owned before the next checkpoint
         except OSError as exc:
-            return Outcome("spawn_failed", f"cannot start {self.settings.command[0]!r}: {exc.strerror or exc}")
+            reason = f"cannot start {self.settings.command[0]!r}: {exc.strerror or exc}"
+            return self._after(Outcome("spawn_failed", reason))
         self.model = model
         self.owned_pids.add(model.pid)
         self._log.info("model.started", pid=model.pid, command=list(self.settings.command))
         self.machine.to(State.LOADING, f"started pid {model.pid}")
         process = model.process
+        assert isinstance(process.stdout, trio.lowlevel.FdStream)
+        assert isinstance(process.stderr, trio.lowlevel.FdStream)
+        sink = self._sink(run, model)
+        readers = (PipeReader(process.stdout, "stdout", model, sink), PipeReader(process.stderr, "stderr", model, sink))
+        pipes = trio.CancelScope()
+        leftovers.start_soon(self._read_pipes, pipes, readers)
         try:
-            async with trio.open_nursery() as io:
-                assert process.stdout is not None and process.stderr is not None
-                pipes_closed = trio.Semaphore(0)
-
-                async def read(stream: trio.abc.ReceiveStream, name: str) -> None:
-                    try:
-                        await pump(stream, name, model, self.on_line)
-                    finally:
-                        pipes_closed.release()
-
-                io.start_soon(read, process.stdout, "stdout")
-                io.start_soon(read, process.stderr, "stderr")
-                async with trio.open_nursery() as watch:
-                    watch.start_soon(self._wait_exit, model, run, pipes_closed)
-                    watch.start_soon(track, model)
-                    watch.start_soon(self._readiness, run, True)
-                    outcome = await run.receive.receive()
-                    watch.cancel_scope.cancel()
-                with trio.CancelScope(shield=True):
-                    result = await stop_tree(model, self.settings.stop_timeout)
-                io.cancel_scope.deadline = trio.current_time() + PIPE_DRAIN_TIMEOUT
+            async with trio.open_nursery() as watch:
+                watch.start_soon(self._wait_exit, model, run, readers)
+                watch.start_soon(track, model)
+                watch.start_soon(self._readiness, run, True)
+                outcome = await run.receive.receive()
+                watch.cancel_scope.cancel()
+            after = self._after(outcome)
+            with trio.CancelScope(shield=True):
+                result = await stop_tree(model, self.settings.stop_timeout)
         finally:
             self.owned_pids.discard(model.pid)
+            # Workers nobody knew of may still hold the pipes: read them for a while, not for good.
+            pipes.deadline = min(pipes.deadline, trio.current_time() + PIPE_DRAIN_TIMEOUT)
         self._log.info(
             "model.stopped", pid=model.pid, exit_code=result.exit_code, graceful=result.graceful,
             outcome=outcome.kind, reason=outcome.reason, lines=dict(model.lines),
         )
-        return outcome
+        return after
 
-    async def _wait_exit(self, model: ModelProcess, run: Run, pipes_closed: trio.Semaphore) -> None:
+    @staticmethod
+    async def _read_pipes(scope: trio.CancelScope, readers: tuple[PipeReader, ...]) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                for reader in readers:
+                    nursery.start_soon(reader.run)
+
+    async def _wait_exit(self, model: ModelProcess, run: Run, readers: tuple[PipeReader, ...]) -> None:
         code = await model.process.wait()
-        # Its last lines (often the reason it died: TGI's `Error: ShardCannotStart`) may still be in
-        # the pipes; read them first so a fatal line is not lost to a plain "exited".
-        with trio.move_on_after(PIPE_DRAIN_TIMEOUT):
-            for _ in range(2):
-                await pipes_closed.acquire()
-        run.end(Outcome("exited", f"model server exited with code {code}"))
+        # Everything it wrote before it died is in the pipes by now (a write to a pipe is done
+        # before the writer goes on to exit). Take it at once, without waiting for EOF, which its
+        # workers can hold off for long: a fatal line printed just before the exit (TGI's
+        # `Error: ShardCannotStart`) ends the run first, and the reason quotes its last stderr.
+        for reader in readers:
+            reader.read_available()
+        reason = f"model server exited with code {code}"
+        tail = model.last_stderr(redact=self._redact)
+        run.end(Outcome("exited", f"{reason}; last stderr: {tail}" if tail else reason))
 
     # -- attach mode
 
     async def attach(self) -> int:
         assert self.settings.model_log is not None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(follow, self.settings.model_log, self.on_line)
-            run = self._run = Run.new()
+            run = self._run = Run.new()  # before the follower starts: its history is this run's
+            nursery.start_soon(partial(follow, self.settings.model_log, self.on_line, on_history=self.on_history))
             self.machine.to(State.LOADING, f"following {self.settings.model_log}")
             while True:
                 async with trio.open_nursery() as watch:
@@ -289,11 +367,14 @@ class Lifecycle:
         started = trio.current_time()
         timeout = self.settings.load_timeout or math.inf
         with trio.move_on_after(timeout):
+            healthy = "health check passed"
             if self.rules.load:
-                await run.load_seen.wait()
-                self._log.info("model.load_line_seen", after_s=round(trio.current_time() - started, 3))
+                if await self._wait_load_line(run, started):
+                    self._log.info("model.load_line_seen", after_s=round(trio.current_time() - started, 3))
+                else:
+                    healthy = f"health check passed; no load line within {self.settings.load_line_grace:g}s"
             await self._probe_until_healthy(run)
-            if not self.machine.try_to(State.WARMING, "health check passed"):
+            if not self.machine.try_to(State.WARMING, healthy):
                 return  # draining: nothing more to announce
             try:
                 await self.warmup()
@@ -308,6 +389,35 @@ class Lifecycle:
             run.end(Outcome("load_timeout", f"not ready after {self.settings.load_timeout:g}s (LOAD_TIMEOUT)"))
             return
         await self._monitor(run, supervised)
+
+    async def _wait_load_line(self, run: Run, started: float) -> bool:
+        """True once the load line is seen; False when, `load_line_grace` after `started`, the
+        health path answers 200 while the line is still missing (then warn: readiness rests on
+        HTTP, and a server that prints no such line, or another one, must not stay `loading`)."""
+        grace = self.settings.load_line_grace
+        if not grace:
+            await run.load_seen.wait()
+            return True
+        async with trio.open_nursery() as nursery:
+
+            async def line() -> None:
+                await run.load_seen.wait()
+                nursery.cancel_scope.cancel()
+
+            async def healthy_without_it() -> None:
+                await trio.sleep_until(started + grace)
+                await self._probe_until_healthy(run)
+                if not run.load_seen.is_set():
+                    self._log.warning(
+                        "model.load_line_missing", patterns=[p.source for p in self.rules.load], grace_s=grace,
+                        why="the health path answers 200 but no line matched the load pattern: going on without it "
+                            "(set MODEL_LOAD_LOG_MSG to what this server prints when it has loaded)",
+                    )
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(line)
+            nursery.start_soon(healthy_without_it)
+        return run.load_seen.is_set()
 
     async def _probe_until_healthy(self, run: Run) -> None:
         delay = HEALTH_RETRY_MIN

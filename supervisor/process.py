@@ -1,17 +1,26 @@
-"""One run of the model server as a real child process: spawn, pump its output, stop its whole tree.
+"""One run of the model server as a real child process: spawn, read its output, stop its whole tree.
 
 The child starts in its own session (its own process group), so a signal to the group reaches the
 server and the workers that stayed in it. Model servers also start workers in groups of their own
 (TGI's shards, vLLM's EngineCore) that survive a kill of the group and keep the GPU memory, so the
 tree is tracked with psutil while the server runs and everything still alive from it is killed
 after the grace period, or at once when the main process is already gone.
+
+Output: each pipe has a `PipeReader` that turns it into lines for a sink, and keeps the last few
+stderr lines (`ModelProcess.stderr_tail`: often the only word on why a server died). Workers that
+inherited the pipes can hold them open long after the server itself is gone, so the exit is never
+made to wait for EOF: `PipeReader.read_available` takes what the pipe holds at the moment of the
+exit (all the dead process wrote is there by then), and `run` goes on reading to EOF in the
+background.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +35,13 @@ RunSync = Callable[..., Awaitable[Any]]
 LineSink = Callable[[str, str], None]  # (stream name, line)
 
 READ_CHUNK = 64 * 1024
+# What `read_available` takes at most in one go: the largest pipe a process may make without
+# privileges (/proc/sys/fs/pipe-max-size), so all the dead server wrote fits, and workers that
+# keep writing into the pipe cannot hold the event loop for longer than that.
+READ_AVAILABLE_MAX = 1024 * 1024
 TRACK_INTERVAL = 1.0  # seconds between snapshots of the model's process tree
+STDERR_TAIL_LINES = 5  # stderr lines kept for the exit reason
+STDERR_TAIL_CHARS = 1024  # ... and at most this much of them, the latest kept
 
 
 @dataclass
@@ -36,10 +51,22 @@ class ModelProcess:
     process: trio.Process
     tracked: dict[int, psutil.Process] = field(default_factory=dict)
     lines: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL_LINES))
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def last_stderr(self, max_chars: int = STDERR_TAIL_CHARS, redact: Callable[[str], str] | None = None) -> str:
+        """The last stderr lines, joined with " | ", at most `max_chars` (the latest text is kept:
+        the end of a traceback says more than its start). "" when it printed nothing there.
+        `redact` masks each line before the text is cut: a secret cut in two is no longer
+        recognisable as one."""
+        lines = self.stderr_tail if redact is None else [redact(line) for line in self.stderr_tail]
+        text = " | ".join(lines)
+        if len(text) > max_chars:
+            text = "…" + text[len(text) - max_chars + 1:]
+        return text
 
 
 async def spawn(command: Sequence[str], env: Mapping[str, str] | None = None) -> ModelProcess:
@@ -60,20 +87,70 @@ async def spawn(command: Sequence[str], env: Mapping[str, str] | None = None) ->
     return model
 
 
-async def pump(stream: trio.abc.ReceiveStream, name: str, model: ModelProcess, sink: LineSink) -> None:
-    """Read one pipe to its end, line by line. Reading never waits on the sink's consumers, so a
-    chatty child is never stalled by a full pipe."""
-    splitter = LineSplitter()
-    while True:
-        chunk = await stream.receive_some(READ_CHUNK)
-        if not chunk:
-            break
-        for line in splitter.feed(chunk):
-            model.lines[name] += 1
-            sink(name, line)
-    for line in splitter.flush():
-        model.lines[name] += 1
-        sink(name, line)
+class PipeReader:
+    """One output pipe of the model server, read line by line into `sink`.
+
+    It reads the pipe's descriptor itself (trio's stream is non-blocking already) so that taking
+    what is there now (`read_available`, synchronous) and waiting for more (`run`) share one line
+    splitter: a line is never split between the two, nor delivered twice. Reading never waits on
+    the sink's consumers, so a chatty child is never stalled by a full pipe."""
+
+    def __init__(self, stream: trio.lowlevel.FdStream, name: str, model: ModelProcess, sink: LineSink) -> None:
+        self.name = name
+        self.eof = False
+        self._stream = stream  # owns the descriptor: kept so that it stays open while we read it
+        self._fd = stream.fileno()
+        self._model = model
+        self._sink = sink
+        self._splitter = LineSplitter()
+
+    async def run(self) -> None:
+        """Read to EOF (a cancelled reader just stops: what was read is delivered)."""
+        while not self.eof:
+            chunk = self._read()
+            if chunk is None:
+                await trio.lowlevel.wait_readable(self._fd)
+                continue
+            self._deliver(chunk)
+            await trio.lowlevel.checkpoint()  # a flood must not starve the other tasks
+
+    def read_available(self, limit: int = READ_AVAILABLE_MAX) -> None:
+        """Deliver what the pipe holds right now, without waiting (up to `limit` bytes)."""
+        taken = 0
+        while not self.eof and taken < limit:
+            chunk = self._read()
+            if chunk is None:
+                return
+            self._deliver(chunk)
+            taken += len(chunk)
+
+    def _read(self) -> bytes | None:
+        """A chunk, b"" at EOF, None when the pipe is empty but open."""
+        try:
+            return os.read(self._fd, READ_CHUNK)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.EBADF:  # closed under us: nothing more will come
+                return b""
+            raise
+
+    def _deliver(self, chunk: bytes) -> None:
+        if chunk:
+            lines = self._splitter.feed(chunk)
+        else:
+            self.eof = True
+            lines = self._splitter.flush()
+        for line in lines:
+            self._model.lines[self.name] += 1
+            if self.name == "stderr":
+                self._model.stderr_tail.append(line)
+            self._sink(self.name, line)
+
+
+async def pump(stream: trio.lowlevel.FdStream, name: str, model: ModelProcess, sink: LineSink) -> None:
+    """Read one pipe to its end, line by line (a `PipeReader` run to EOF)."""
+    await PipeReader(stream, name, model, sink).run()
 
 
 def _descendants(pid: int) -> list[psutil.Process]:

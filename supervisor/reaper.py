@@ -3,7 +3,9 @@
 Orphans of the model's tree are re-parented to us and must be waited for, or they stay zombies.
 A global `waitpid(-1)` would also reap the model process that trio is waiting on, and trio would then
 report exit code 0 for a crash; so the reaper lists our children, and reaps only zombies whose pid
-trio does not own.
+trio does not own. While the model server is being spawned its pid is not known yet (trio runs
+`Popen` in a thread, and a server that fails at once is a zombie before `spawn` returns): `owned()`
+is None then, and nothing is reaped until the next sweep.
 """
 
 from __future__ import annotations
@@ -50,15 +52,18 @@ def zombie_children() -> list[int]:
 
 
 class Reaper:
-    """Reaps zombie children that are not trio's. `owned()` returns the pids trio is waiting on."""
+    """Reaps zombie children that are not trio's. `owned()` returns the pids trio is waiting on, or
+    None while one of them may be unknown (a spawn under way)."""
 
-    def __init__(self, owned: Callable[[], set[int]]) -> None:
+    def __init__(self, owned: Callable[[], set[int] | None]) -> None:
         self._owned = owned
         self.reaped: list[int] = []
         self._log = get_logger("supervisor.reaper")
 
     def reap_once(self, zombies: list[int]) -> list[int]:
         owned = self._owned()  # read on the trio thread, after the snapshot: a fresh spawn is safe
+        if owned is None:
+            return []  # a spawn is under way: any zombie may be trio's own new child
         reaped = []
         for pid in zombies:
             if pid in owned:

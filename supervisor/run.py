@@ -27,7 +27,6 @@ from supervisor.logs import get_logger
 from supervisor.reaper import Reaper, become_subreaper
 from supervisor.reporter import WorkerIdentity, send_error_report
 from supervisor.states import State
-from supervisor.tail import set_aside_stale_log
 from supervisor.tasks import keep_running, raise_fd_limit
 from supervisor.worker import VERSION, Worker, build_worker, secrets_redactor
 
@@ -60,8 +59,8 @@ async def run(config: Config) -> int:
                 async with httpx.AsyncClient(trust_env=False) as client:
                     await _report_start_failure(config, client, f"Worker Server failed to launch: {error}")
                 return EXIT_CONFIG
-        if config.attach and config.model_log and set_aside_stale_log(config.model_log):
-            log.info("model_log.set_aside", path=config.model_log, moved_to=config.model_log + ".old")
+        # Attach mode leaves MODEL_LOG where it is (a server may already write to it): the tail tells
+        # the lines it held at start from new ones (supervisor/tail.py).
         subreaper = become_subreaper()
         return await _run(config, signals, subreaper)
 
@@ -138,7 +137,7 @@ async def _run(config: Config, signals: Any, subreaper: bool) -> int:
             if worker.reporter is not None:
                 nursery.start_soon(keep_running, "reporter", worker.reporter.run)
             if subreaper:
-                nursery.start_soon(keep_running, "reaper", Reaper(lambda: set(lifecycle.owned_pids)).run)
+                nursery.start_soon(keep_running, "reaper", Reaper(lifecycle.owned).run)
             exit_code = await _main(config, worker, shutdown)
             http_stop.set()
             await worker.forwarder.aclose()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -112,8 +113,11 @@ class Worker:
     def in_flight(self) -> int:
         return self.ledger.in_flight
 
-    async def wait_state_change(self) -> None:
-        await self.state_changed.wait()
+    def wait_state_change(self) -> Awaitable[None]:
+        """Returns once the state changes after this call. Not `async def`: the event is taken now,
+        so a transition before the caller's first wait is never missed (a request waiting for
+        `ready` once slept through it, until its deadline)."""
+        return self.state_changed.wait()
 
     def on_transition(self, t: Transition) -> None:
         self.state_since_wall = time.time()
@@ -255,6 +259,7 @@ def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
             load_timeout=config.load_timeout,
             health_interval=config.health_interval,
             unhealthy_timeout=config.unhealthy_timeout,
+            load_line_grace=config.load_line_grace,
         ),
         machine,
         RestartPolicy(BackoffSettings(
@@ -285,8 +290,16 @@ def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
         ledger, default_gpu_probe(own_pids=tree_pids), HostProbe(workspace, root_pid), model_metrics,
         max_perf=lambda: holder[0].max_perf, interval=config.probe_interval,
     )
+
+    def server_gone() -> bool:
+        """The supervised server's process has exited (its returncode polls for it): a refused
+        connection then waits for the restart, even before the state says so."""
+        model = lifecycle.model
+        return model is not None and model.process.returncode is not None
+
     admission = Admission(ledger, load.capacity, lambda: holder[0].is_ready(),
-                          lambda: holder[0].wait_state_change(), hidden_work=load.hidden_work)
+                          lambda: holder[0].wait_state_change(), hidden_work=load.hidden_work,
+                          server_gone=server_gone)
     verifier = Verifier(keys, config.signature_format, config.public_url) if keys is not None else None
     forwarder = Forwarder(config.model_server_url, ForwardLimits(
         stream_head_timeout=config.stream_head_timeout, stream_idle_timeout=config.stream_idle_timeout))

@@ -3,13 +3,14 @@ waiting for readiness, 503 when not ready or draining, and a bounded Retry-After
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 import orjson
 import pytest
 import trio
 import trio.testing
 
 from backends.spec import Route
-from proxy.admission import MAX_RETRY_AFTER, Admission, Rejected
+from proxy.admission import MAX_RETRY_AFTER, Admission, Comeback, Rejected
 from proxy.ledger import Ledger, RequestRecord, RequestStatus
 
 SERIAL = Route("/serial", parallel=False, max_queue_time=1000.0)
@@ -31,8 +32,9 @@ class Readiness:
     def is_ready(self) -> bool:
         return self.ready
 
-    async def changed(self) -> None:
-        await self._changed.wait()
+    def changed(self) -> Awaitable[None]:
+        """The next change after this call (the event is taken now, as the worker's is)."""
+        return self._changed.wait()
 
     def set(self, ready: bool) -> None:
         self.ready = ready
@@ -269,14 +271,16 @@ async def test_draining_wakes_requests_waiting_for_ready(clock: trio.testing.Moc
 
 
 # -- a refused connection while `ready`: wait for the restart the supervisor is about to notice
+# (issue 9: `wait_comeback` takes the request's deadline and says why it gives up, since a server
+# that did not come back in time is a 503 and one that never went down a 502; it returned a bool.)
 
 
 async def test_comeback_after_a_crash_is_awaited(clock: trio.testing.MockClock) -> None:
     world = World(ready=True)
-    result: list[bool] = []
+    result: list[Comeback] = []
 
     async def request() -> None:
-        result.append(await world.admission.wait_comeback(PARALLEL))
+        result.append(await world.admission.wait_comeback(trio.current_time() + PARALLEL.max_queue_time))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(request)
@@ -285,13 +289,13 @@ async def test_comeback_after_a_crash_is_awaited(clock: trio.testing.MockClock) 
         await trio.sleep(5.0)  # restart and reload
         assert result == []
         world.readiness.set(True)
-    assert result == [True]
+    assert result == [Comeback.RETRY]
     assert trio.current_time() == pytest.approx(5.005)
 
 
 async def test_no_comeback_when_the_server_never_went_down(clock: trio.testing.MockClock) -> None:
     world = World(ready=True)
-    assert await world.admission.wait_comeback(PARALLEL, down_within=1.0) is False
+    assert await world.admission.wait_comeback(100.0, down_within=1.0) is Comeback.NOT_DOWN
     assert trio.current_time() == pytest.approx(1.0)
 
 
@@ -302,8 +306,136 @@ async def test_no_comeback_past_the_queue_time(clock: trio.testing.MockClock) ->
             world.readiness.set(False)
 
         nursery.start_soon(crash)
-        assert await world.admission.wait_comeback(PARALLEL) is False  # never back within 30 s
+        deadline = trio.current_time() + PARALLEL.max_queue_time
+        assert await world.admission.wait_comeback(deadline) is Comeback.NOT_BACK  # never back within 30 s
     assert trio.current_time() == pytest.approx(PARALLEL.max_queue_time)
+
+
+async def test_a_server_known_gone_is_awaited_past_down_within(clock: trio.testing.MockClock) -> None:
+    """The process has exited but the state machine is late to say so (a busy supervisor): the
+    request must not give up after `down_within` with a 502, it waits for the restart."""
+    gone = [True]
+    world = World(ready=True)
+    world.admission = Admission(world.ledger, lambda: 0.0, world.readiness.is_ready, world.readiness.changed,
+                                wall_clock=trio.current_time, server_gone=lambda: gone[0])
+    result: list[Comeback] = []
+
+    async def request() -> None:
+        result.append(await world.admission.wait_comeback(30.0, down_within=1.0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request)
+        await trio.sleep(3.0)  # well past down_within
+        world.readiness.set(False)
+        gone[0] = False  # the new process runs
+        await trio.sleep(2.0)
+        world.readiness.set(True)
+    assert result == [Comeback.RETRY]
+    assert trio.current_time() == pytest.approx(5.0)
+
+
+async def test_a_death_found_only_after_down_within_is_awaited(clock: trio.testing.MockClock) -> None:
+    """Still alive at the refusal (the kernel closes the socket a moment before the process is
+    gone), exited by the end of `down_within`: the request waits for the restart."""
+    gone = [False]
+    world = World(ready=True)
+    world.admission = Admission(world.ledger, lambda: 0.0, world.readiness.is_ready, world.readiness.changed,
+                                wall_clock=trio.current_time, server_gone=lambda: gone[0])
+    result: list[Comeback] = []
+
+    async def request() -> None:
+        result.append(await world.admission.wait_comeback(30.0, down_within=1.0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request)
+        await trio.sleep(0.001)
+        gone[0] = True
+        await trio.sleep(2.0)
+        assert result == []
+        world.readiness.set(False)
+        await trio.sleep(1.0)
+        world.readiness.set(True)
+    assert result == [Comeback.RETRY]
+    assert trio.current_time() == pytest.approx(3.001)
+
+
+async def test_a_restart_faster_than_the_waiter_is_a_comeback(clock: trio.testing.MockClock) -> None:
+    """Any change of state from `ready` means it went down: ready again by the time the request
+    looks is a comeback, not a server that never went down."""
+    world = World(ready=True)
+    result: list[Comeback] = []
+
+    async def request() -> None:
+        result.append(await world.admission.wait_comeback(30.0, down_within=1.0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request)
+        await trio.sleep(0.1)
+        world.readiness.set(False)
+        world.readiness.set(True)  # before the waiter runs again
+    assert result == [Comeback.RETRY]
+    assert trio.current_time() == pytest.approx(0.1)
+
+
+async def test_draining_ends_a_comeback_wait(clock: trio.testing.MockClock) -> None:
+    world = World(ready=True)
+    result: list[Comeback] = []
+
+    async def request() -> None:
+        result.append(await world.admission.wait_comeback(30.0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request)
+        await trio.sleep(0.1)
+        world.readiness.set(False)
+        await trio.sleep(1.0)
+        world.admission.set_draining()
+    assert result == [Comeback.DRAINING]
+    assert trio.current_time() == pytest.approx(1.1)
+
+
+# -- a change of state between a look at it and the wait for the next one is never missed (issue 9:
+# requests waiting for `ready` slept through it until their deadline, then got 503)
+
+
+def flipping(world: World, ready_after_look: int, to: bool) -> Admission:
+    """An admission whose `is_ready` sets readiness to `to` right after its n-th look: the lifecycle
+    moving on between the look and the wait (trio runs the tasks of a batch in any order)."""
+    looks = 0
+
+    def is_ready() -> bool:
+        nonlocal looks
+        looks += 1
+        ready = world.readiness.ready
+        if looks == ready_after_look:
+            world.readiness.set(to)
+        return ready
+
+    return Admission(world.ledger, lambda: 0.0, is_ready, world.readiness.changed, wall_clock=trio.current_time)
+
+
+async def test_ready_right_after_the_look_is_not_missed(clock: trio.testing.MockClock) -> None:
+    world = World(ready=False)
+    admission = flipping(world, ready_after_look=2, to=True)  # the 2nd look is the waiting loop's
+    async with admission.slot(PARALLEL, world.admit(PARALLEL)):
+        pass
+    assert trio.current_time() == 0.0  # not a 503 at the deadline
+
+
+async def test_a_crash_right_after_the_look_is_not_missed(clock: trio.testing.MockClock) -> None:
+    world = World(ready=True)
+    admission = flipping(world, ready_after_look=1, to=False)
+    result: list[Comeback] = []
+
+    async def request() -> None:
+        result.append(await admission.wait_comeback(30.0, down_within=1.0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request)
+        await trio.sleep(2.0)  # past down_within: only a missed change would have given up by now
+        assert result == []
+        world.readiness.set(True)
+    assert result == [Comeback.RETRY] and trio.current_time() == pytest.approx(2.0)
 
 
 async def test_hidden_work_counts_in_the_estimated_wait(clock: trio.testing.MockClock) -> None:

@@ -1,7 +1,7 @@
 """End to end: the request path through the real entrypoint, a real model server and real sockets.
 
 Signatures in every format, 413 before the body is read, 429 on a long queue, a request that
-arrives during a restart, 503 while draining, 502 when the model server is down or breaks, SSE
+arrives during a restart, requests arriving right after a `kill -9` (held, then served), 503 while draining, 502 when the model server is down or breaks, SSE
 relayed without buffering, a client disconnect reaching the model server, HTTPS, the TGI backend,
 and a fuzz of the envelope and headers. Shepherds that tests do not disturb are shared per module;
 a test that kills, drains or reconfigures starts its own.
@@ -45,7 +45,7 @@ from proxy.forward import Forwarder, UpstreamError
 from proxy.handler import ProxySettings, RequestHandler
 from proxy.ledger import Ledger
 from tests import signing
-from tests.harness import ROOT, Event, Shepherd, base_env, free_port, wait_until
+from tests.harness import ROOT, Event, Shepherd, base_env, free_port, kill_tree, wait_until
 
 # A benchmark (if one runs at warm-up) would add seconds and requests the tests do not expect.
 BASE = {"RESTART_DELAY": "0.05", "RESTART_MAX_DELAY": "0.2", "STOP_TIMEOUT": "5",
@@ -459,6 +459,66 @@ def test_kill_9_breaks_the_request_in_flight_with_502_and_one_sent_during_the_re
     assert len(served) == 1 and served[0]["ms"] >= 100  # it waited for the new server to load
     assert s.find("proxy.internal_error") == []
     wait_idle(s)
+
+
+def test_kill_9_requests_arriving_right_after_are_all_served_after_the_restart(shepherds: list[Shepherd]) -> None:
+    """Issue 9: requests sent 0, 50, 300 and 1000 ms after a `kill -9` meet a dead server (refused,
+    or reset unread) and are held, then served by the new server: none hangs, none gets 502.
+    DEMO_GRANDCHILD: a worker in its own session holds the server's pipes, as vLLM's EngineCore
+    does, so EOF comes only once the old tree is killed; the exit alone must flip the state."""
+    s = start(shepherds, DEMO_GRANDCHILD="1")
+    try:
+        s.wait_state("ready")
+        assert s.http.post("/generate", json=PAYLOAD).status_code == 200  # a pooled upstream connection too
+        old = s.model_pid()
+        mark = s.mark()
+        delays = (0.0, 0.05, 0.3, 1.0)
+        responses: dict[float, httpx.Response] = {}
+        failures: dict[float, BaseException] = {}
+        go = threading.Event()
+        killed_at: list[float] = []
+
+        def one(delay: float) -> None:
+            go.wait(10)
+            time.sleep(max(killed_at[0] + delay - time.monotonic(), 0.0))  # the moment it is sent
+            try:
+                with httpx.Client(base_url=f"http://127.0.0.1:{s.port}", timeout=60, trust_env=False) as client:
+                    responses[delay] = client.post("/generate", json=PAYLOAD)
+            except BaseException as exc:  # noqa: BLE001 - reported below, with the delay
+                failures[delay] = exc
+
+        threads = [threading.Thread(target=one, args=(d,), daemon=True) for d in delays]
+        for thread in threads:
+            thread.start()
+        os.kill(old, signal.SIGKILL)
+        killed_at.append(time.monotonic())
+        go.set()
+        for thread in threads:
+            thread.join(90)
+        assert not any(t.is_alive() for t in threads), "a request hung"
+        assert failures == {}
+        new = s.model_pid()
+        assert new != old
+        assert {d: r.status_code for d, r in responses.items()} == {d: 200 for d in delays}, \
+            {d: r.text for d, r in responses.items()}
+        assert all(r.json()["pid"] == new and r.json()["generated_text"] == ANSWER for r in responses.values())
+        with s._cond:
+            after = [e for e in s.events[mark:] if e.get("event") in ("state", "model.stopped", "access")]
+        states = [(e["from"], e["to"]) for e in after if e["event"] == "state"]
+        assert states == [("ready", "restarting"), ("restarting", "starting"), ("starting", "loading"),
+                          ("loading", "warming"), ("warming", "ready")]  # no `unhealthy` while pipes drained
+        kinds = [e["event"] for e in after]
+        # the state flipped before the old tree was stopped (and long before its pipes' EOF)
+        assert kinds.index("state") < kinds.index("model.stopped")
+        assert "model server exited with code -9" in after[0]["reason"]
+        access(s, mark, count=len(delays), route="/generate")
+        assert [e["status"] for e in s.find("access")[-len(delays):]] == [200] * len(delays)
+        assert s.find("proxy.internal_error") == []
+        wait_idle(s)
+    finally:
+        for event in s.find("model.log"):
+            if "grandchild pid=" in event.get("line", ""):
+                kill_tree(int(event["line"].rsplit("=", 1)[1]))
 
 
 def test_attach_mode_model_server_down_is_502(shepherds: list[Shepherd], tmp_path: Path) -> None:

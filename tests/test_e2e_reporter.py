@@ -341,6 +341,8 @@ def test_crash_loop_ends_with_an_error_report_and_exit_1(fake: FakeAutoscaler, s
     last = errors[-1]
     assert "gave up after 2 failures" in last["error_msg"], last["error_msg"]
     assert "model server exited with code 1" in last["error_msg"], last["error_msg"]
+    # and why (issue 9): the demo server's last stderr line
+    assert "last stderr: demo: crashing on purpose after 0 s" in last["error_msg"], last["error_msg"]
     assert last["error_msg"] == failed["reason"]
     assert last["loadtime"] == 0.0 and last["max_perf"] == 0.0
     assert last["id"] == 42 and last["mtoken"] == SECRET

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import ROOT, Shepherd, alive, base_env, free_port, kill_tree
+from tests.harness import ROOT, TEST_MASTER_TOKEN, Shepherd, alive, base_env, free_port, kill_tree
 
 FAST = {"RESTART_DELAY": "0.05", "RESTART_MAX_DELAY": "0.2", "STOP_TIMEOUT": "5"}
 
@@ -128,6 +128,52 @@ def test_error_line_restarts_with_the_line_as_reason(shepherds: list[Shepherd]) 
     assert "demo: model error: shard 0 died" in restarting["reason"]
 
 
+def test_the_exit_reason_quotes_the_last_stderr_lines_masked(shepherds: list[Shepherd]) -> None:
+    # Issue 9: "exited with code 1" alone tells an operator nothing; the end of its stderr does.
+    script = (
+        "echo 'server: starting'; "
+        "echo 'Traceback (most recent call last):' >&2; "
+        "echo '  File \"server.py\", line 12, in load' >&2; "
+        f"echo 'auth failed with token {TEST_MASTER_TOKEN}' >&2; "
+        "echo 'OSError: model file /models/tiny.gguf not found' >&2; "
+        "exit 1"
+    )
+    # A long restart delay keeps it in `restarting`, where /status shows the reason.
+    s = Shepherd(["--backend", "demo", "--", "sh", "-c", script],
+                 env={**FAST, "RESTART_DELAY": "60", "RESTART_MAX_DELAY": "60"})
+    shepherds.append(s)
+    restarting = s.wait_state("restarting")
+    expected = ("model server exited with code 1; last stderr: Traceback (most recent call last): | "
+                '  File "server.py", line 12, in load | auth failed with token ')
+    assert restarting["reason"].startswith(expected), restarting["reason"]
+    assert " | OSError: model file /models/tiny.gguf not found; restart in " in restarting["reason"]
+    assert "server: starting" not in restarting["reason"]  # stdout is not quoted
+    status = s.status()
+    assert status["state"] == "restarting" and status["reason"] == restarting["reason"]
+    assert status["model"]["last_error"].startswith(expected)
+    assert status["model"]["last_error"].endswith("OSError: model file /models/tiny.gguf not found")
+    for text in (restarting["reason"], status["reason"], status["model"]["last_error"]):
+        assert TEST_MASTER_TOKEN not in text and "…[redacted]" in text
+    s.signal(signal.SIGTERM)
+    assert s.wait_exit() == 0
+
+
+def test_a_load_line_that_never_comes_gives_way_to_a_healthy_server(shepherds: list[Shepherd]) -> None:
+    # Issue 9: a server that prints no such line (or another one) is not left `loading` for good.
+    s = start(shepherds, MODEL_LOAD_LOG_MSG="never printed", LOAD_LINE_GRACE="0.5")
+    s.wait_state("ready")
+    [warning] = s.find("model.load_line_missing")
+    assert warning["level"] == "warning" and warning["patterns"] == ["never printed"]
+    states = s.find("state")
+    assert [(e["from"], e["to"]) for e in states] == [("starting", "loading"), ("loading", "warming"),
+                                                      ("warming", "ready")]
+    assert states[1]["reason"] == "health check passed; no load line within 0.5s"
+    with s._cond:
+        names = [e.get("event") for e in s.events]
+    assert names.index("model.load_line_missing") < names.index("state", names.index("state") + 1)
+    assert s.http.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}).status_code == 200
+
+
 def test_sigterm_exits_0_and_leaves_no_process(shepherds: list[Shepherd]) -> None:
     s = start(shepherds)
     s.wait_state("ready")
@@ -225,7 +271,7 @@ def test_attach_mode_follows_a_late_and_rotated_log(shepherds: list[Shepherd], t
     )
     shepherds.append(s)
     s.wait_state("loading")
-    assert (tmp_path / "model.log.old").exists() and not log.exists()
+    assert log.exists() and not (tmp_path / "model.log.old").exists()  # the last boot's log stays where it is
     assert s.status()["state"] == "loading" and s.status()["mode"] == "attach"
 
     # the server starts later and creates the log

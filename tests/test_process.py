@@ -1,5 +1,6 @@
-"""Tests for supervisor.process with real, short-lived processes: output pumping, and stop_tree on a child
-that ignores SIGTERM and on one that leaves a grandchild in another session."""
+"""Tests for supervisor.process with real, short-lived processes: output pumping (and taking what a dead
+process left in a pipe that others still hold open), and stop_tree on a child that ignores SIGTERM and on
+one that leaves a grandchild in another session."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import os
 import signal
 import sys
 import textwrap
+from pathlib import Path
 
 import psutil
 import trio
 
-from supervisor.process import ModelProcess, pump, spawn, stop_tree
+from supervisor.process import ModelProcess, PipeReader, pump, spawn, stop_tree
 
 
 async def read_line(stream: trio.abc.ReceiveStream) -> str:
@@ -44,6 +46,31 @@ async def test_spawn_and_pump_collect_both_streams() -> None:
     assert [line for s, line in got if s == "stdout"] == ["a", "no newline"]
     assert [line for s, line in got if s == "stderr"] == ["b"]
     assert model.lines == {"stdout": 2, "stderr": 1}
+
+
+async def test_read_available_takes_what_a_dead_process_wrote_without_waiting_for_eof(tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    code = (f"import pathlib, sys, time\nwhile not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n"
+            "sys.stderr.write('one\\ntwo\\nthree')\n")  # the last line unterminated
+    model = await spawn([sys.executable, "-c", code])
+    assert isinstance(model.process.stderr, trio.lowlevel.FdStream)
+    got: list[str] = []
+    reader = PipeReader(model.process.stderr, "stderr", model, lambda stream, line: got.append(line))
+    # A worker holding the pipe: the test itself, through /proc. No EOF while it is open.
+    held = os.open(f"/proc/{model.pid}/fd/2", os.O_WRONLY)
+    try:
+        go.touch()
+        with trio.fail_after(10):
+            await model.process.wait()
+        reader.read_available()
+        assert got == ["one", "two"] and not reader.eof  # an unterminated line waits for its end
+        assert list(model.stderr_tail) == ["one", "two"]
+    finally:
+        os.close(held)
+    with trio.fail_after(10):
+        await reader.run()  # EOF now
+    assert reader.eof and got == ["one", "two", "three"]
+    assert model.lines["stderr"] == 3 and model.last_stderr() == "one | two | three"
 
 
 async def test_spawn_puts_the_child_in_its_own_session() -> None:

@@ -1,4 +1,5 @@
-"""Tests for supervisor.reaper: never reap a pid trio owns; reap (and log) the other zombie children."""
+"""Tests for supervisor.reaper: never reap a pid trio owns (nor anything while a spawn is under way); reap
+(and log) the other zombie children."""
 
 from __future__ import annotations
 
@@ -50,6 +51,19 @@ def test_owned_is_read_at_reap_time() -> None:
         owned.add(child.pid)  # e.g. trio spawned it after the zombie snapshot was taken
         assert Reaper(owned=lambda: owned).reap_once([child.pid]) == []
         assert child.wait(timeout=5) == 4
+    finally:
+        child.poll()
+
+
+def test_nothing_is_reaped_while_a_spawn_is_under_way() -> None:
+    # Issue 9: a model server that fails at once is a zombie before trio's spawn returns its pid;
+    # reaped then, trio read exit code 0 for it ("exited with code 0" for a crash).
+    child = start_exiting_child(5)
+    try:
+        wait_for_zombie(child.pid)
+        reaper = Reaper(owned=lambda: None)
+        assert reaper.reap_once([child.pid]) == [] and reaper.reaped == []
+        assert child.wait(timeout=5) == 5
     finally:
         child.poll()
 

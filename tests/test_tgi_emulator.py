@@ -1,9 +1,10 @@
 """Tests of the TGI emulator (tests/emulators/tgi.py), run as a real child process.
 
-They pin what shepherd's tgi backend and end-to-end tests rely on: TGI's JSON log lines in the real
-order, the exact `"message":"Connected","target":"text_generation_router"` substring printed before the
-port listens, TGI's routes and SSE event shape, /metrics in-flight gauge, the launcher's shutdown on
-SIGTERM, and the real failure endings (`Error: ShardCannotStart`, ...).
+They pin what shepherd's tgi backend and end-to-end tests rely on: TGI v3.3.7's JSON log lines in the
+real order, the router's `Connected` line with v3.3.7's fields (`"target":"text_generation_router::server"`,
+the module path that a substring of TGI 2.0's line does not match) printed before the port listens,
+TGI's routes and SSE event shape, /metrics in-flight gauge, the launcher's shutdown on SIGTERM, and the
+real failure endings (`Error: ShardCannotStart`, ...).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "emulators" / "tgi.py"
-CONNECTED = '"message":"Connected","target":"text_generation_router"'
+# The router's line as v3.3.7 prints it (router/src/server.rs:2302, tracing JSON, event flattened).
+CONNECTED = '"message":"Connected","target":"text_generation_router::server"'
 MODEL = "org/tiny-model"
 DEADLINE_S = 10.0
 
@@ -194,7 +196,10 @@ def test_startup_json_lines_in_order_connected_before_listening(
     assert all(r["level"] == "INFO" and r["timestamp"].endswith("Z") for r in records)
     messages = [message(r) for r in records]
     expected = [
-        "Args { model_id: \"org/tiny-model\"",
+        'Args {\n    model_id: "org/tiny-model",\n',  # `{:#?}`: one field a line
+        "Using attention flashinfer - Prefix caching true",
+        "Default `max_batch_prefill_tokens` to 4096",
+        "Using default cuda graphs [1, 2, 4, 8, 16, 32]",
         f"Starting check and download process for {MODEL}",
         "Download file: ",
         f"Successfully downloaded weights for {MODEL}",
@@ -212,10 +217,21 @@ def test_startup_json_lines_in_order_connected_before_listening(
     by_message = {message(r): r for r in records}
     assert by_message["Starting shard"]["span"] == {"rank": 0, "name": "shard-manager"}
     assert by_message["Starting shard"]["target"] == "text_generation_launcher"
-    assert "fields" not in json.loads(connected)  # the router flattens its event fields
+    # The router flattens its event fields and logs file and line; the target is the module path.
+    record = json.loads(connected)
+    assert {k: v for k, v in record.items() if k != "timestamp"} == {
+        "level": "INFO",
+        "message": "Connected",
+        "target": "text_generation_router::server",
+        "filename": "router/src/server.rs",
+        "line_number": 2302,
+    }
+    assert list(record) == ["timestamp", "level", "message", "target", "filename", "line_number"]  # tracing's order
+    warming = by_message["Warming up model"]
+    assert (warming["target"], warming["filename"]) == ("text_generation_router_v3", "backends/v3/src/lib.rs")
     first = child.lines()[0]
     assert first.startswith('{"timestamp":"')
-    assert '"level":"INFO","fields":{"message":"Args { model_id: \\"org/tiny-model\\"' in first
+    assert '"level":"INFO","fields":{"message":"Args {\\n    model_id: \\"org/tiny-model\\",\\n' in first
 
     def healthy() -> bool:
         try:
@@ -231,7 +247,7 @@ def test_plain_text_logs_without_json_output(spawn: Callable[..., Child]) -> Non
     port = free_port()
     child = spawn("--port", str(port), "--hostname", "127.0.0.1", env={"TGI_LOAD_DELAY": "0"})
     line = child.wait_line("Connected")
-    assert line.endswith(" INFO text_generation_router: router/src/server.rs:1770: Connected")
+    assert line.endswith(" INFO text_generation_router::server: router/src/server.rs:2302: Connected")
     assert not line.startswith("{")
     shard = child.wait_line("Starting shard")
     assert "INFO shard-manager: text_generation_launcher: Starting shard rank=0" in shard
@@ -370,9 +386,14 @@ def test_port_in_use_is_a_webserver_failure(spawn: Callable[..., Child]) -> None
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        child = launch(spawn, taken.getsockname()[1], {"TGI_LOAD_DELAY": "0"})
+        port = taken.getsockname()[1]
+        child = launch(spawn, port, {"TGI_LOAD_DELAY": "0"})
         assert child.finish() == 1
     assert child.lines("err")[-1] == "Error: WebserverFailed"
+    # v3.3.7's router (router/src/server.rs:2325), then the launcher's reaction.
+    bind = json.loads(child.wait_line("Failed to bind to"))
+    assert bind["message"] == f"Failed to bind to 127.0.0.1:{port}: Address already in use (os error 98)"
+    assert (bind["level"], bind["line_number"]) == ("ERROR", 2325)
     assert "Webserver Crashed" in child.wait_line("Webserver Crashed")
 
 

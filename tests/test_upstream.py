@@ -4,7 +4,8 @@ Each test starts a trio server whose script answers with exact bytes, so framing
 error mapping are checked byte for byte: Content-Length, chunked (piece by piece, extensions,
 trailers, a byte at a time), until close, no body (HEAD, 204), interim 100, keep-alive reuse and
 its limits (Connection: close, a stale pooled connection, a server closing with a request on it,
-which is never sent again), 502 / 504 before the answer, a broken or silent stream after it,
+which is never sent again), 502 / 504 before the answer (and which of them prove the request never
+ran: refused, or reset before any answer byte), a broken or silent stream after it,
 cancellation, header injection. The parser's strictness is in tests/test_forward_parser.py, and
 hostile or early answers and stream timeouts in tests/test_forward_hostile_upstream.py.
 """
@@ -17,8 +18,10 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psutil
 import pytest
 import trio
+import trio.testing
 import trustme
 
 from proxy import forward as forward_module
@@ -503,6 +506,7 @@ async def test_fresh_connection_closed_without_an_answer_is_502_not_retried(nurs
     with pytest.raises(UpstreamError) as caught:
         await forward(fw)
     assert caught.value.status == 502 and not caught.value.refused
+    assert not caught.value.unserved  # it was read: the handler must not send it again (issue 9)
     assert caught.value.reason.startswith("model server unreachable")
     assert up.accepts == 1
     await fw.aclose()
@@ -523,7 +527,7 @@ async def test_server_dying_with_the_request_on_a_reused_connection_is_502_not_r
     await forward(fw)
     with pytest.raises(UpstreamError) as caught:
         await forward(fw)
-    assert caught.value.status == 502 and not caught.value.refused
+    assert caught.value.status == 502 and not caught.value.refused and not caught.value.unserved
     await fw.aclose()
 
 
@@ -641,6 +645,68 @@ async def test_connect_refused_is_502_refused() -> None:
     assert caught.value.status == 502 and caught.value.refused
     assert caught.value.reason.startswith("model server unreachable")
     assert client.messages == []
+    await fw.aclose()
+
+
+# -- which failures prove that the request never ran (issue 9: the handler holds those for the
+# server's comeback and sends them again; any other is a 502)
+
+
+def _established_to(port: int) -> bool:
+    return any(c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+               for c in psutil.Process().net_connections(kind="tcp"))
+
+
+async def test_a_request_queued_at_a_server_that_dies_is_reset_and_unserved() -> None:
+    # A server that dies with connections in its listen queue (or whose workers kept the listening
+    # socket until they were killed): the kernel resets them, our request unread.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    fw = Forwarder(f"http://127.0.0.1:{port}")
+    caught: list[UpstreamError] = []
+
+    async def one() -> None:
+        with pytest.raises(UpstreamError) as info:
+            await forward(fw)
+        caught.append(info.value)
+
+    try:
+        async with trio.open_nursery() as inner:
+            inner.start_soon(one)
+            with trio.fail_after(5):
+                while not _established_to(port):
+                    await trio.sleep(0.001)
+            await trio.testing.wait_all_tasks_blocked()  # written, and waiting for the head
+            listener.close()
+    finally:
+        listener.close()
+    [error] = caught
+    assert error.status == 502 and error.reset and not error.refused and error.unserved
+    await fw.aclose()
+
+
+def _reset_on_close(peer: Peer) -> None:
+    """Closing the connection will send a reset (RST) instead of a FIN."""
+    peer.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello",  # the head came: the body breaks
+    b"HTTP/1.1 100 Continue\r\n\r\n",  # an interim answer is an answer byte too
+    b"HTTP/1.1 200 O",  # part of a head
+], ids=["body", "interim", "partial head"])
+async def test_a_reset_after_an_answer_began_is_not_unserved(nursery: trio.Nursery, answer: bytes) -> None:
+    async def script(peer: Peer, up: Upstream) -> None:
+        await peer.request()
+        await peer.send(answer)
+        _reset_on_close(peer)
+
+    up, fw = await upstream(nursery, script)
+    with pytest.raises(UpstreamError) as caught:
+        await forward(fw)
+    assert caught.value.status == 502 and not caught.value.unserved
     await fw.aclose()
 
 

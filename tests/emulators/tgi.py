@@ -1,18 +1,25 @@
 """Emulator of Hugging Face text-generation-inference (TGI) as run by `text-generation-launcher`.
 
 It owns the TGI side of the end-to-end tests: a standard-library-only program (no shepherd import, fast
-start) that prints the launcher's and the router's real log lines, in TGI's tracing JSON format with
-`--json-output` (tracing's plain text format without it), and serves TGI's real routes. Facts follow
-text-generation-inference@db931fc (launcher/src/main.rs, router/src/server.rs); see
-shared/reference/anchors.md §3.1.
+start) that prints the launcher's and the router's log lines as TGI v3.3.7 prints them (the last
+release, huggingface/text-generation-inference@dfb3fbe7, 2025-12-18; see shared/reference/anchors.md
+§3.1), in TGI's tracing JSON format with `--json-output` (tracing's text formats without it), and
+serves TGI's real routes.
 
-Startup, as the real launcher: Args, download (`Starting check and download process for MODEL`,
-`Download file: ...`, `Successfully downloaded weights for MODEL`), shard (`Starting shard`, `Waiting for
-shard to be ready...` (once at once, then every 10 s; real TGI waits 10 s before the first), `Server
-started at unix://...`, `Shard ready in 1.2s`), `Starting Webserver`, then the router's `Warming up
-model`, `Setting max batch total tokens to N` and `Connected`, printed BEFORE the port listens (as real
-TGI does), so a supervisor must still probe /health. The load line shepherd matches is the compact JSON
-substring `"message":"Connected","target":"text_generation_router"`.
+The launcher (launcher/src/main.rs, `tracing_subscriber::fmt().json()` at :2065, event fields nested
+under `fields`, no file or line) prints its Args pretty-printed (`{:#?}`, :2079), `Using attention
+flashinfer - Prefix caching true` (:2086), ``Default `max_batch_prefill_tokens` to 4096`` (:2150), `Using
+default cuda graphs [1, 2, 4, 8, 16, 32]` (:2182), the download (`Starting check and download process for
+MODEL` :1508, the download process's `Download file: ...`, `Successfully downloaded weights for MODEL`
+:1550), the shard (`Starting shard` :1149, `Waiting for shard to be ready...` :1244 (once at once, then
+every 10 s; real TGI waits 10 s before the first), `Server started at unix://...`, `Shard ready in 1.2s`
+:1240), then `Starting Webserver` (:1842) and copies the router's lines verbatim (:2006). The router
+(router/src/logging.rs:83, `.json().flatten_event(true)` with file and line) prints `Warming up model`
+and `Setting max batch total tokens to N` (target `text_generation_router_v3`, backends/v3/src/lib.rs:125
+and :137), then `Connected` (target `text_generation_router::server`, router/src/server.rs:2302), printed
+BEFORE the port is bound (:2322), so a supervisor must still probe /health. TGI 2.0 printed `Connected`
+from router/src/main.rs with the target `text_generation_router`; 2.1 and later print the module path,
+which is why shepherd matches the line by its JSON fields.
 
 Command line (the launcher's shape; other launcher flags are accepted and ignored):
     --port (3000)  --hostname (0.0.0.0)  --model-id (bigscience/bloom-560m)  --json-output
@@ -34,7 +41,10 @@ input -> 422 `{"error": ..., "error_type": "validation"}`; malformed JSON -> 400
 20 in older ones; 20 keeps tests fast). Tokens are `tok0`, ` tok1`, ... so the text is "tok0 tok1 ...".
 
 SIGTERM/SIGINT: the launcher's shutdown lines (`Terminating webserver`, `Waiting for webserver to
-gracefully shutdown`, `webserver terminated`, `Shutting down shards`, `Terminating shard`, ...), exit 0.
+gracefully shutdown`, the router's `signal received, starting graceful shutdown` (server.rs:2399),
+`webserver terminated`, `Shutting down shards`, `Terminating shard`, ...), exit 0. A port that cannot be
+bound: the router's `Failed to bind to ADDR: ERROR` (server.rs:2325), the launcher's `Webserver Crashed`
+(main.rs:2342), `Error: WebserverFailed`, exit 1.
 
 Its HTTP/1.1 plumbing (body reading, chunked writes, disconnect watching, signal-safe threads) is the
 demo server's, from `backends/model_http.py` (standard library only, like this file).
@@ -59,14 +69,21 @@ if not __package__:
 from backends import model_http  # noqa: E402 (after the sys.path fix above)
 
 LAUNCHER = "text_generation_launcher"
+# tracing's target is the module path of the line that logs (the crate name, `-` as `_`, then modules).
 ROUTER = "text_generation_router"
+ROUTER_SERVER = "text_generation_router::server"  # router/src/server.rs
+ROUTER_V3 = "text_generation_router_v3"  # backends/v3/src/lib.rs
+SERVER_RS = "router/src/server.rs"
+V3_LIB_RS = "backends/v3/src/lib.rs"
 FAILURES = ("DownloadError", "ShardCannotStart", "WebserverFailed")
 DEFAULT_MAX_NEW_TOKENS = 20
 MAX_TOTAL_TOKENS = 4096
 MAX_BATCH_TOTAL_TOKENS = 16000
 # axum's prefix for a body that parses as JSON but not as the request type.
 DESERIALIZE = "Failed to deserialize the JSON body into the target type"
-VERSION = "2.0.4"
+# What v3.3.7's /info reports: its Cargo.toml still says 3.3.6-dev0 (router/src/server.rs:2140 reads
+# CARGO_PKG_VERSION).
+VERSION = "3.3.6-dev0"
 WAITING_LOG_EVERY_S = 10.0
 SHARD_SPAN: dict[str, Any] = {"rank": 0, "name": "shard-manager"}
 DOWNLOAD_SPAN: dict[str, Any] = {"name": "download"}
@@ -124,8 +141,8 @@ class Log:
         level: str,
         message: str,
         *,
-        target: str = ROUTER,
-        filename: str = "router/src/server.rs",
+        target: str = ROUTER_SERVER,
+        filename: str = SERVER_RS,
         line_number: int = 1000,
         span: dict[str, Any] | None = None,
     ) -> None:
@@ -135,8 +152,8 @@ class Log:
         self,
         level: str,
         message: str,
-        target: str = ROUTER,
-        filename: str = "router/src/server.rs",
+        target: str = ROUTER_SERVER,
+        filename: str = SERVER_RS,
         line_number: int = 1000,
         span: dict[str, Any] | None = None,
     ) -> str:
@@ -270,7 +287,10 @@ class TgiHandler(model_http.ModelHandler):
             if exc.close:
                 self.close_connection = True
             self.server.metrics.validation_failed()
-            self.server.log.router("ERROR", exc.message, target=f"{ROUTER}::server", line_number=1253)
+            # router/src/infer/mod.rs:126 @v3.3.7 logs a validation failure.
+            self.server.log.router(
+                "ERROR", exc.message, target=f"{ROUTER}::infer", filename="router/src/infer/mod.rs", line_number=126
+            )
             self.send_json(exc.status, {"error": exc.message, "error_type": "validation"})
             return
         if stream:
@@ -354,13 +374,8 @@ class TgiHandler(model_http.ModelHandler):
             "validation_time": _rust_duration(0.00005),
             "name": route,
         }
-        self.server.log.router(
-            "INFO",
-            "Success",
-            target=f"{ROUTER}::server",
-            line_number=511 if route.endswith("stream") else 311,
-            span=span,
-        )
+        # router/src/server.rs:432 (generate) and :637 (generate_stream) @v3.3.7.
+        self.server.log.router("INFO", "Success", line_number=637 if route.endswith("stream") else 432, span=span)
 
     # -- validation --------------------------------------------------------------------------
 
@@ -456,21 +471,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _args_debug(args: argparse.Namespace) -> str:
-    """The launcher's first line: its Args struct in Rust's `{:?}` form (abridged)."""
-    return (
-        f'Args {{ model_id: "{args.model_id}", revision: None, validation_workers: 2, sharded: None, '
-        f"num_shard: None, quantize: None, speculate: None, dtype: None, trust_remote_code: false, "
-        f"max_concurrent_requests: 128, max_best_of: 2, max_stop_sequences: 4, max_top_n_tokens: 5, "
-        f"max_input_tokens: None, max_input_length: None, max_total_tokens: None, "
-        f"waiting_served_ratio: 0.3, max_batch_prefill_tokens: None, max_batch_total_tokens: None, "
-        f'max_waiting_tokens: 20, max_batch_size: None, cuda_graphs: None, hostname: "{args.hostname}", '
-        f'port: {args.port}, shard_uds_path: "/tmp/text-generation-server", master_addr: "localhost", '
-        f'master_port: 29500, huggingface_hub_cache: Some("/data"), weights_cache_override: None, '
-        f"disable_custom_kernels: false, cuda_memory_fraction: 1.0, rope_scaling: None, rope_factor: None, "
-        f"json_output: {str(args.json_output).lower()}, otlp_endpoint: None, cors_allow_origin: [], "
-        f"watermark_gamma: None, watermark_delta: None, ngrok: false, env: false, "
-        f"max_client_batch_size: 4 }}"
-    )
+    """The launcher's first line: its Args struct as Rust's `{:#?}` prints it (abridged: v3.3.7 has ~60
+    fields), one field a line, in one log message."""
+    fields = [
+        f'model_id: "{args.model_id}"', "revision: None", "validation_workers: 2", "sharded: None",
+        "num_shard: None", "quantize: None", "speculate: None", "dtype: None", "kv_cache_dtype: None",
+        "trust_remote_code: false", "max_concurrent_requests: 128", "max_best_of: 2", "max_stop_sequences: 4",
+        "max_top_n_tokens: 5", "max_input_tokens: None", "max_input_length: None", "max_total_tokens: None",
+        "waiting_served_ratio: 0.3", "max_batch_prefill_tokens: None", "max_batch_total_tokens: None",
+        "max_waiting_tokens: 20", "max_batch_size: None", "cuda_graphs: None", f'hostname: "{args.hostname}"',
+        f"port: {args.port}", "prometheus_port: 9000", 'shard_uds_path: "/tmp/text-generation-server"',
+        'master_addr: "localhost"', "master_port: 29500", 'huggingface_hub_cache: Some(\n        "/data",\n    )',
+        "weights_cache_override: None", "disable_custom_kernels: false", "cuda_memory_fraction: 1.0",
+        "rope_scaling: None", "rope_factor: None", f"json_output: {str(args.json_output).lower()}",
+        "otlp_endpoint: None", 'otlp_service_name: "text-generation-inference.router"', "cors_allow_origin: []",
+        "api_key: None", "watermark_gamma: None", "watermark_delta: None", "ngrok: false",
+        "ngrok_authtoken: None", "ngrok_edge: None", "tokenizer_config_path: None",
+        "disable_grammar_support: false", "env: false", "max_client_batch_size: 4", "lora_adapters: None",
+        "usage_stats: On", "payload_limit: 2000000", "enable_prefill_logprobs: false",
+        "graceful_termination_timeout: 90",
+    ]
+    return "Args {\n" + "".join(f"    {f},\n" for f in fields) + "}"
 
 
 # The phase decides which shutdown lines a signal prints (no webserver before it was started).
@@ -484,9 +505,7 @@ def _shutdown_lines(log: Log) -> list[str]:
         lines += [
             log.launcher_line("INFO", "Terminating webserver"),
             log.launcher_line("INFO", "Waiting for webserver to gracefully shutdown"),
-            log.router_line(
-                "INFO", "signal received, starting graceful shutdown", f"{ROUTER}::server", line_number=1900
-            ),
+            log.router_line("INFO", "signal received, starting graceful shutdown", line_number=2399),
             log.launcher_line("INFO", "webserver terminated"),
         ]
     lines += [
@@ -511,11 +530,9 @@ def _fail(log: Log, name: str, lines: list[str]) -> NoReturn:
     os._exit(1)
 
 
-def _webserver_failed(log: Log, reason: str) -> NoReturn:
+def _webserver_failed(log: Log, address: str, reason: str) -> NoReturn:
     _fail(log, "WebserverFailed", [
-        log.router_line(
-            "ERROR", f"Server error: error creating server listener: {reason}", ROUTER, line_number=1770
-        ),
+        log.router_line("ERROR", f"Failed to bind to {address}: {reason}", line_number=2325),
         log.launcher_line("ERROR", "Webserver Crashed"),
         log.launcher_line("INFO", "Shutting down shards"),
         log.launcher_line("INFO", "Terminating shard", SHARD_SPAN),
@@ -542,6 +559,8 @@ def main(argv: list[str] | None = None) -> None:
     model = args.model_id
 
     log.launcher("INFO", _args_debug(args))
+    log.launcher("INFO", "Using attention flashinfer - Prefix caching true")
+    log.launcher("INFO", "Default `max_batch_prefill_tokens` to 4096")
     log.launcher("INFO", "Using default cuda graphs [1, 2, 4, 8, 16, 32]")
     log.launcher("INFO", f"Starting check and download process for {model}", DOWNLOAD_SPAN)
     log.launcher("INFO", "Download file: model.safetensors", DOWNLOAD_SPAN)
@@ -593,24 +612,26 @@ def main(argv: list[str] | None = None) -> None:
 
     log.launcher("INFO", "Starting Webserver")
     _webserver_started = True
+    address = f"{args.hostname}:{args.port}"
     if fail == "WebserverFailed":
-        _webserver_failed(log, "Address already in use (os error 98)")
-    log.router("INFO", "Warming up model", filename="router/src/main.rs", line_number=420)
+        _webserver_failed(log, address, "Address already in use (os error 98)")
+    log.router("INFO", "Warming up model", target=ROUTER_V3, filename=V3_LIB_RS, line_number=125)
     time.sleep(load_delay * 0.2)
     log.router(
         "INFO",
         f"Setting max batch total tokens to {MAX_BATCH_TOTAL_TOKENS}",
-        filename="router/src/main.rs",
-        line_number=456,
+        target=ROUTER_V3,
+        filename=V3_LIB_RS,
+        line_number=137,
     )
-    # Real TGI logs Connected after building its routes and BEFORE the listener serves.
-    log.router("INFO", "Connected", line_number=1770)
+    # Real TGI logs Connected after building its routes and BEFORE it binds the port.
+    log.router("INFO", "Connected", line_number=2302)
     time.sleep(listen_delay)
     try:
         server = TgiServer((args.hostname, args.port), model_id=model, token_interval=token_interval, log=log)
     except OSError as exc:
         # A port that cannot be bound ends the real launcher the same way.
-        _webserver_failed(log, f"{exc.strerror or exc} (os error {exc.errno})")
+        _webserver_failed(log, address, f"{exc.strerror or exc} (os error {exc.errno})")
     # The serve thread and its request threads never take SIGTERM/SIGINT: they land on the main thread.
     model_http.serve_in_background(server)
 
