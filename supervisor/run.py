@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import trio
 
-from proxy.connections import ConnectionGate, ConnectionLimits
+from proxy.connections import ConnectionLimits
 from proxy.server import ServerSettings, ServerStartError, check_tls_files, run_server
 from proxy.signature import KeySource, RemoteKeySource
 from supervisor.config import Config

@@ -23,10 +23,12 @@ def clock() -> trio.testing.MockClock:
 
 
 class Readiness:
-    """The lifecycle as admission sees it: a flag and a change notification."""
+    """The lifecycle as admission sees it: a flag, a change notification, and whether the supervised
+    process has exited (`gone`, ahead of the state change). Also used by tests/test_comeback.py."""
 
-    def __init__(self, ready: bool) -> None:
+    def __init__(self, ready: bool = True) -> None:
         self.ready = ready
+        self.gone = False
         self._changed = trio.Event()
 
     def is_ready(self) -> bool:

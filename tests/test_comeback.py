@@ -10,7 +10,6 @@ Retry-After; draining: 503. Every wait is bounded (`fail_after`); nothing sleeps
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 import functools
 import json
 import socket
@@ -25,31 +24,11 @@ from proxy.admission import Admission
 from proxy.forward import Forwarder
 from proxy.handler import ProxySettings, RequestHandler
 from proxy.ledger import Ledger
+from tests.test_admission import Readiness
 
 ANSWER = b'{"generated_text":"ok"}'
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
 BODY = json.dumps({"inputs": "hello", "parameters": {"max_new_tokens": 3}}).encode()
-
-
-class Readiness:
-    """The lifecycle as admission sees it."""
-
-    def __init__(self) -> None:
-        self.ready = True
-        self.gone = False  # the supervised process has exited
-        self._changed = trio.Event()
-
-    def is_ready(self) -> bool:
-        return self.ready
-
-    def changed(self) -> Awaitable[None]:
-        """The next change after this call (the event is taken now, as the worker's is)."""
-        return self._changed.wait()
-
-    def set(self, ready: bool) -> None:
-        self.ready = ready
-        self._changed.set()
-        self._changed = trio.Event()
 
 
 class ModelServer:
