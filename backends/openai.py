@@ -152,6 +152,9 @@ LLAMACPP = _spec(
         # exit code 1; `main: exiting due to model loading error` in older builds.
         _not_forwarded("exiting due to model loading error"),
     ),
+    # `llamacpp:requests_processing` / `llamacpp:requests_deferred` (tools/server/server-context.cpp),
+    # served only with `--metrics`; without it the path answers 501 and the probe backs off.
+    metrics="/metrics",
 )
 
 # -- Ollama: ollama/ollama v0.32.15. slog's text format: `time=... level=INFO source=routes.go:2008

@@ -5,31 +5,44 @@ This module owns the names each backend uses for its queue, and their reading:
 - `prometheus`: the Prometheus text of vLLM or TGI, parsed with `prometheus_client`'s parser.
   vLLM: `vllm:num_requests_waiting`, `vllm:num_requests_running`, `vllm:kv_cache_usage_perc` (0..1;
   `vllm:gpu_cache_usage_perc` before 0.9). TGI: `tgi_queue_size` (waiting), `tgi_batch_current_size`
-  (running). Counts are summed over label sets (engines, models); the KV cache usage is their mean,
-  since a fraction of several equal engines does not add up.
+  (running). llama.cpp's llama-server (only when started with `--metrics`): `llamacpp:requests_deferred`
+  (waiting), `llamacpp:requests_processing` (running). Counts are summed over label sets (engines,
+  models); the KV cache usage is their mean, since a fraction of several equal engines does not add up.
 - `comfyui`: `GET /queue` -> `{"queue_running": [...], "queue_pending": [...]}`, counted.
 
 A metric the server does not expose reads None (not 0): the estimator then relies on the proxy alone.
+
+A server that answers 404 or 501 at the metrics path has no metrics there (llama-server without
+`--metrics` answers 501): that reads `unsupported`, is logged once, and the path is asked again only
+after a backoff that doubles up to `BACKOFF_MAX_S`, so an operator who never enables metrics does not
+pay for a failing request every probe interval. Any 200 answer ends the backoff.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-WAITING = ("vllm:num_requests_waiting", "tgi_queue_size")
-RUNNING = ("vllm:num_requests_running", "tgi_batch_current_size")
+from supervisor.logs import get_logger
+
+WAITING = ("vllm:num_requests_waiting", "tgi_queue_size", "llamacpp:requests_deferred")
+RUNNING = ("vllm:num_requests_running", "tgi_batch_current_size", "llamacpp:requests_processing")
 KV_CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # in order of preference
 _WANTED = frozenset(WAITING + RUNNING + KV_CACHE)
 _NAME_END = re.compile(r"[{\s]")
 
 KINDS = ("prometheus", "comfyui")
+# Statuses meaning "no metrics at this path" (llama-server without --metrics: 501; others 404).
+NO_METRICS_STATUSES = frozenset({404, 501})
+BACKOFF_INITIAL_S = 10.0
+BACKOFF_MAX_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,7 @@ class ModelQueue:
     kv_cache_usage: float | None  # 0..1
     ok: bool  # the server answered and its answer was read
     error: str  # "" when ok
+    unsupported: bool = False  # the server has no metrics at this path (404/501): not a failure to retry soon
 
     @property
     def known(self) -> bool:
@@ -99,7 +113,8 @@ class ModelMetricsProbe:
 
     def __init__(
         self, client: httpx.AsyncClient, base_url: str, kind: str = "prometheus", path: str = "/metrics",
-        timeout: float = 2.0,
+        timeout: float = 2.0, clock: Callable[[], float] = trio.current_time,
+        backoff_initial: float = BACKOFF_INITIAL_S, backoff_max: float = BACKOFF_MAX_S,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -107,20 +122,38 @@ class ModelMetricsProbe:
         self._url = base_url.rstrip("/") + "/" + path.lstrip("/")
         self._kind = kind
         self._timeout = httpx.Timeout(timeout)
+        self._clock = clock
+        self._backoff_initial, self._backoff_max = backoff_initial, backoff_max
+        self._backoff = 0.0  # seconds until the next try after a "no metrics" answer; 0: not backing off
+        self._retry_at = -math.inf
+        self._unsupported: ModelQueue | None = None  # the last "no metrics" answer, repeated while backing off
+        self._log = get_logger("probes.model_metrics")
 
     @property
     def url(self) -> str:
         return self._url
 
+    @property
+    def retry_at(self) -> float:
+        """When the path is asked again after a "no metrics" answer (-inf: not backing off)."""
+        return self._retry_at
+
     async def sample(self) -> ModelQueue:
+        if self._unsupported is not None and self._clock() < self._retry_at:
+            return self._unsupported  # backing off: the answer would be the same 404/501
         try:
             response = await self._client.get(self._url, timeout=self._timeout)
         except httpx.TimeoutException:
             return _failed("timed out")
         except httpx.HTTPError as exc:
             return _failed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        if response.status_code in NO_METRICS_STATUSES:
+            return self._no_metrics(response.status_code)
         if response.status_code != 200:
             return _failed(f"{self._url} answered {response.status_code}")
+        if self._unsupported is not None:
+            self._log.info("model_metrics.available", url=self._url)
+        self._unsupported, self._backoff, self._retry_at = None, 0.0, -math.inf
         try:
             if self._kind == "comfyui":
                 return parse_comfyui_queue(response.json())
@@ -128,3 +161,16 @@ class ModelMetricsProbe:
         except (ValueError, TypeError, KeyError, IndexError) as exc:
             # json.JSONDecodeError is a ValueError; the Prometheus parser raises ValueError too.
             return _failed(f"unreadable {self._kind} answer: {exc}")
+
+    def _no_metrics(self, status: int) -> ModelQueue:
+        first = self._unsupported is None
+        self._backoff = self._backoff_initial if first else min(self._backoff * 2.0, self._backoff_max)
+        self._retry_at = self._clock() + self._backoff
+        hint = " (llama-server: start it with --metrics)" if status == 501 else ""
+        self._unsupported = ModelQueue(
+            None, None, None, False, f"no metrics: {self._url} answered {status}{hint}", unsupported=True,
+        )
+        if first:  # once, not every interval: the answer will not change until the server restarts
+            self._log.warning("model_metrics.unavailable", url=self._url, status=status,
+                              retry_in_s=self._backoff, hint=hint.strip(" ()") or None)
+        return self._unsupported

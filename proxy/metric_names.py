@@ -40,6 +40,15 @@ HOST_MEMORY_USED_BYTES: Final = "shepherd_host_memory_used_bytes"
 MODEL_CPU_PERCENT: Final = "shepherd_model_cpu_percent"
 MODEL_RSS_BYTES: Final = "shepherd_model_rss_bytes"
 
+# Gauges: the model server's own queue, read from its metrics (absent when its backend exposes none,
+# or while the sample is unknown or stale: an absent series is not an idle server).
+MODEL_REQUESTS_WAITING: Final = "shepherd_model_requests_waiting"
+MODEL_REQUESTS_RUNNING: Final = "shepherd_model_requests_running"
+MODEL_KV_CACHE_USAGE: Final = "shepherd_model_kv_cache_usage"
+MODEL_QUEUE_AGE_SECONDS: Final = "shepherd_model_queue_age_seconds"
+MODEL_QUEUE_SERIES: Final = (MODEL_REQUESTS_WAITING, MODEL_REQUESTS_RUNNING, MODEL_KV_CACHE_USAGE,
+                             MODEL_QUEUE_AGE_SECONDS)
+
 COUNTERS: Final = (REQUESTS_TOTAL, RESTARTS_TOTAL, REPORTER_FAILURES_TOTAL)
 HISTOGRAMS: Final = (REQUEST_DURATION_SECONDS, QUEUE_SECONDS)
 
@@ -65,6 +74,7 @@ EXPORTED_METRICS: Final[tuple[str, ...]] = (
     HOST_MEMORY_USED_BYTES,
     MODEL_CPU_PERCENT,
     MODEL_RSS_BYTES,
+    *MODEL_QUEUE_SERIES,
     REPORTER_FAILURES_TOTAL,
 )
 

@@ -47,6 +47,11 @@ class MetricsView:
     host_memory_used: int | None = None
     model_cpu_percent: float | None = None
     model_rss: int | None = None
+    # The model server's own queue (None: unknown, stale or not exposed; the series is then absent).
+    model_waiting: float | None = None
+    model_running: float | None = None
+    model_kv_cache_usage: float | None = None
+    model_queue_age_seconds: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -100,6 +105,14 @@ class _ViewCollector(Collector):
         yield from _gauge(names.HOST_MEMORY_USED_BYTES, "Host memory used.", v.host_memory_used)
         yield from _gauge(names.MODEL_CPU_PERCENT, "Model server process tree CPU, percent.", v.model_cpu_percent)
         yield from _gauge(names.MODEL_RSS_BYTES, "Model server process tree resident memory.", v.model_rss)
+        yield from _gauge(names.MODEL_REQUESTS_WAITING, "Requests waiting in the model server's own queue.",
+                          v.model_waiting)
+        yield from _gauge(names.MODEL_REQUESTS_RUNNING, "Requests in the model server's running batch.",
+                          v.model_running)
+        yield from _gauge(names.MODEL_KV_CACHE_USAGE, "The model server's KV cache usage, 0..1.",
+                          v.model_kv_cache_usage)
+        yield from _gauge(names.MODEL_QUEUE_AGE_SECONDS, "Age of the last read sample of the model server's queue.",
+                          v.model_queue_age_seconds)
 
 
 class Metrics:

@@ -4,10 +4,18 @@ One task, one tick every PROBE_INTERVAL: the GPU, host and model-metrics probes 
 (each in its own thread hop or HTTP call), the smoothers and the throughput meter are advanced, and
 `estimate()` (pure) is run on the resulting snapshot. Readers (admission, reporter, /status,
 /metrics) only read the cached results, so nothing on the request path waits for a probe.
+
+The model server's queue is scraped in a task of its own: under load one scrape of vLLM's /metrics
+took 8 s, and the estimate must keep ticking meanwhile. Each sample keeps the time its scrape began,
+and the estimate uses it only while it is fresh (younger than `STALE_INTERVALS` probe intervals),
+read (ok), and taken since the worker last became ready (`hold_model_queue` / `accept_model_queue`: a
+queue seen during the warm-up benchmark is the benchmark's, not the clients'). Otherwise the model
+queue is unknown to the estimate, never an idle server, and `/status` says why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -29,6 +37,8 @@ from supervisor.estimate import (
 from supervisor.logs import get_logger
 
 SMOOTHING_WINDOW_S = 10.0
+# A model-queue sample older than this many probe intervals is stale: unknown, not idle.
+STALE_INTERVALS = 3.0
 
 
 class LoadMonitor:
@@ -41,6 +51,7 @@ class LoadMonitor:
         max_perf: Callable[[], float],
         interval: float,
         clock: Callable[[], float] = trio.current_time,
+        capacity_source: Callable[[], str] | None = None,  # where max_perf came from ("configured", ...)
     ) -> None:
         self.ledger = ledger
         self._gpu, self._host, self._model = gpu, host, model_metrics
@@ -50,6 +61,14 @@ class LoadMonitor:
         self.gpu: GpuSnapshot | None = None
         self.host: HostSnapshot | None = None
         self.model_queue: ModelQueue | None = None
+        self.model_queue_at: float | None = None  # when the scrape of model_queue began
+        # Which `ready` a sample belongs to: a sample counts only if its scrape began after the latest
+        # `accept_model_queue` and no hold was on. An epoch, not a time: a scrape that began in the
+        # same clock instant as `ready` (the mock clock; coarse clocks) still began before it.
+        self._queue_epoch = 0
+        self._queue_held = False
+        self._model_queue_tag: tuple[int, bool] = (0, False)  # (epoch, held) when model_queue's scrape began
+        self._capacity_source = capacity_source
         self._gpu_duty = DutyCycleSmoother(SMOOTHING_WINDOW_S)
         self._busy = DutyCycleSmoother(SMOOTHING_WINDOW_S)
         self._throughput = ThroughputMeter()
@@ -71,18 +90,64 @@ class LoadMonitor:
         decision and the reporter's cur_load add it to the ledger's live work."""
         return self.current.hidden_work
 
+    def hold_model_queue(self) -> None:
+        """Until `accept_model_queue`, the estimate ignores the model server's queue (warming: the
+        queue then is the benchmark's)."""
+        self._queue_held = True
+
+    def accept_model_queue(self) -> None:
+        """From now on, samples whose scrape begins after this call count (the worker became ready)."""
+        self._queue_held = False
+        self._queue_epoch += 1
+
+    def stale_after(self) -> float:
+        return STALE_INTERVALS * self.interval
+
+    def model_queue_age(self, now: float | None = None) -> float | None:
+        if self.model_queue_at is None:
+            return None
+        return max((self._clock() if now is None else now) - self.model_queue_at, 0.0)
+
+    def model_queue_note(self, now: float | None = None) -> str:
+        """Why the estimate does not use the model server's queue now; "" when it does."""
+        queue, at = self.model_queue, self.model_queue_at
+        if self._model is None:
+            return "the backend exposes no queue metrics"
+        if queue is None or at is None:
+            return "not sampled yet"
+        if not queue.ok:
+            return f"unknown: {queue.error}"
+        age = self.model_queue_age(now)
+        assert age is not None
+        if age > self.stale_after():
+            return f"stale: sampled {age:.1f} s ago (limit {self.stale_after():g} s)"
+        if self._queue_held or self._model_queue_tag != (self._queue_epoch, False):
+            return "taken before the worker was ready"
+        return ""
+
+    def fresh_model_queue(self, now: float | None = None) -> ModelQueue | None:
+        """The last sample if it was read and is not stale (what /metrics exports), else None."""
+        queue, age = self.model_queue, self.model_queue_age(now)
+        if queue is None or not queue.ok or age is None or age > self.stale_after():
+            return None
+        return queue
+
+    def usable_model_queue(self, now: float | None = None) -> ModelQueue | None:
+        """The sample the estimate may use: read, fresh, and taken since ready; else None (unknown)."""
+        return self.model_queue if self.model_queue_note(now) == "" else None
+
     def snapshot(self) -> LoadSnapshot:
         now = self._clock()
-        ledger, queue, gpu = self.ledger, self.model_queue, self.gpu
+        ledger, queue, gpu = self.ledger, self.usable_model_queue(now), self.gpu
         available = gpu is not None and gpu.available and gpu.devices
         return LoadSnapshot(
             running_work=ledger.running_work,
             waiting_work=ledger.waiting_work,
             max_perf=self._max_perf(),
             online_perf=self._throughput.rate(now),
-            model_waiting=queue.waiting if queue and queue.ok else None,
-            model_running=queue.running if queue and queue.ok else None,
-            kv_cache_usage=queue.kv_cache_usage if queue and queue.ok else None,
+            model_waiting=queue.waiting if queue else None,
+            model_running=queue.running if queue else None,
+            kv_cache_usage=queue.kv_cache_usage if queue else None,
             gpu_util=self._gpu_duty.value_at(now) if available else None,
             gpu_memory_frac=gpu.memory_fraction if available else None,  # type: ignore[union-attr]
             in_flight=ledger.running,
@@ -96,7 +161,8 @@ class LoadMonitor:
         ledger = self.ledger
         served = ledger.served_total - self._served_seen
         self._served_seen = ledger.served_total
-        waiting_model = self.model_queue.waiting if self.model_queue and self.model_queue.ok else None
+        usable = self.usable_model_queue(now)
+        waiting_model = usable.waiting if usable else None
         self._throughput.set_backlogged(now, ledger.waiting > 0 or bool(waiting_model))
         if served > 0:
             self._throughput.served(now, served)
@@ -107,7 +173,13 @@ class LoadMonitor:
         self._busy.update(now, 1.0 if ledger.running else 0.0)
         if self.gpu is not None and self.gpu.available:
             self._gpu_duty.update(now, self.gpu.utilisation)
-        self.current = estimate(self.snapshot())
+        current = estimate(self.snapshot())
+        configured = self._capacity_source() if self._capacity_source is not None else ""
+        if current.capacity_source == "benchmark" and configured not in ("", "none"):
+            # The estimate only knows max_perf is set; the worker knows whence (MAX_PERF, the cache,
+            # a run): /status must name one source, not two.
+            current = dataclasses.replace(current, capacity_source=configured)
+        self.current = current
         if self.current.stalled and not self._stall_logged:
             self._log.warning("load.stall", in_flight=ledger.running, gpu=self.gpu.utilisation if self.gpu else None)
         self._stall_logged = self.current.stalled
@@ -117,7 +189,22 @@ class LoadMonitor:
         self.gpu = await self._gpu.sample()
         return self.gpu
 
+    async def sample_model(self) -> None:
+        """One scrape of the model server's queue, stamped with the time it began (the numbers are
+        at least that old)."""
+        started, tag = self._clock(), (self._queue_epoch, self._queue_held)
+        queue = await self._model.sample()
+        self.model_queue, self.model_queue_at, self._model_queue_tag = queue, started, tag
+
     async def sample_once(self) -> None:
+        """Every probe once, together, then a tick (the model scrape included: for tests and one-offs)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sample_machine)
+            if self._model is not None:
+                nursery.start_soon(self.sample_model)
+        self.tick()
+
+    async def _sample_machine(self) -> None:
         async with trio.open_nursery() as nursery:
             async def gpu() -> None:
                 self.gpu = await self._gpu.sample()
@@ -125,19 +212,22 @@ class LoadMonitor:
             async def host() -> None:
                 self.host = await self._host.sample()
 
-            async def model() -> None:
-                self.model_queue = await self._model.sample()
-
             nursery.start_soon(gpu)
             nursery.start_soon(host)
-            if self._model is not None:
-                nursery.start_soon(model)
-        self.tick()
+
+    async def _model_loop(self) -> None:
+        while True:
+            await self.sample_model()
+            await trio.sleep(self.interval)
 
     async def run(self) -> None:
-        while True:
-            await self.sample_once()
-            await trio.sleep(self.interval)
+        async with trio.open_nursery() as nursery:
+            if self._model is not None:
+                nursery.start_soon(self._model_loop)  # a slow scrape must not hold the ticks back
+            while True:
+                await self._sample_machine()
+                self.tick()
+                await trio.sleep(self.interval)
 
     def status(self) -> dict[str, Any]:
         e = self.current
@@ -149,5 +239,18 @@ class LoadMonitor:
             },
             "gpu": asdict(self.gpu) if self.gpu is not None else None,
             "host": asdict(self.host) if self.host is not None else None,
-            "model_queue": asdict(self.model_queue) if self.model_queue is not None else None,
+            "model_queue": self._model_queue_status(),
+        }
+
+    def _model_queue_status(self) -> dict[str, Any] | None:
+        if self.model_queue is None:
+            return None
+        now = self._clock()
+        note = self.model_queue_note(now)
+        age = self.model_queue_age(now)
+        return {
+            **asdict(self.model_queue),
+            "age_s": round(age, 3) if age is not None else None,
+            "in_estimate": note == "",
+            "note": note,
         }

@@ -52,6 +52,9 @@ from supervisor.rules import LogRules
 from supervisor.states import State, StateMachine, Transition
 
 VERSION = "0.1.0"
+# States in which the model server's queue is not the clients' (no server, or the warm-up benchmark's
+# requests): the estimate ignores it until the next `ready`.
+QUEUE_NOT_CLIENTS = frozenset({State.STARTING, State.LOADING, State.WARMING, State.RESTARTING})
 
 
 def iso(ts: float) -> str:
@@ -124,6 +127,10 @@ class Worker:
         get_logger("supervisor").info("state", **{"from": t.from_.value, "to": t.to.value, "reason": t.reason})
         if t.to is State.DRAINING:
             self.admission.set_draining()
+        if t.to is State.READY:
+            self.load.accept_model_queue()
+        elif t.to in QUEUE_NOT_CLIENTS:
+            self.load.hold_model_queue()
         self.report_state.on_transition(t)
         if self.reporter is not None:
             self.reporter.poke()  # the autoscaler hears of every transition at once
@@ -217,6 +224,7 @@ class Worker:
     def metrics_view(self) -> MetricsView:
         load = self.load
         gpu, host, e = load.gpu, load.host, load.current
+        queue = load.fresh_model_queue()
         gpus = None
         if gpu is not None and gpu.available and gpu.devices:
             gpus = [
@@ -240,6 +248,12 @@ class Worker:
             host_memory_used=host.memory_used if host else None,
             model_cpu_percent=tree.cpu_percent if tree else None,
             model_rss=tree.rss_bytes if tree else None,
+            # The model server's own queue: its numbers only while the sample is read and fresh (a
+            # stale one is not exported as if current); its age whenever there is a read sample.
+            model_waiting=queue.waiting if queue else None,
+            model_running=queue.running if queue else None,
+            model_kv_cache_usage=queue.kv_cache_usage if queue else None,
+            model_queue_age_seconds=load.model_queue_age() if load.model_queue and load.model_queue.ok else None,
         )
 
 
@@ -289,7 +303,9 @@ def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
     load = LoadMonitor(
         ledger, default_gpu_probe(own_pids=tree_pids), HostProbe(workspace, root_pid), model_metrics,
         max_perf=lambda: holder[0].max_perf, interval=config.probe_interval,
+        capacity_source=lambda: holder[0].capacity_source,
     )
+    load.hold_model_queue()  # the machine starts in `starting`, without a transition to hear
 
     def server_gone() -> bool:
         """The supervised server's process has exited (its returncode polls for it): a refused
