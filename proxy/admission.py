@@ -26,8 +26,9 @@ state at once), and `server_gone` (the supervised process has exited) tells a de
 machine has not caught up with yet from a refusal that is real (a server someone else runs, attach
 mode): only the latter gives up, after `down_within` (1 s), with a 502.
 
-Waiting for a change of readiness subscribes before it looks (`ready_changed()` takes the current
-change event when called): a change made between the look and the wait is never missed. It once
+Waiting for a change of readiness subscribes before it looks (`ready_changed()` is the event the
+next change will set, taken before the state is read): a change made between the look and the wait
+is never missed. It once
 was, when trio ran the lifecycle's step before the waiter's in one batch: the request then slept
 through `ready` until its deadline.
 
@@ -45,10 +46,9 @@ cancelled) is the caller's job, after the `async with`.
 from __future__ import annotations
 
 import enum
-import inspect
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Final, NoReturn
 
@@ -83,10 +83,8 @@ class Admission:
     """Per-request admission decisions over one ledger.
 
     `capacity()` is the measured throughput in workload units per second (0 while unknown);
-    `is_ready()` whether the model server takes requests; `ready_changed()` gives an awaitable that
-    returns once readiness may have changed after the call (e.g. the `wait()` of the lifecycle's
-    current state-change event): it must take that event when called, not when first awaited, or
-    a change between the call and the wait is missed. `server_gone()` is True
+    `is_ready()` whether the model server takes requests; `ready_changed()` the event the next
+    change of readiness will set (the lifecycle's current state-change event). `server_gone()` is True
     when the supervised model server's process has exited, even before the state says so (always
     False when shepherd does not run the server). `wall_clock` stamps the ledger's
     `work_started_at`; deadlines use trio's clock.
@@ -97,7 +95,7 @@ class Admission:
         ledger: Ledger,
         capacity: Callable[[], float],
         is_ready: Callable[[], bool],
-        ready_changed: Callable[[], Awaitable[None]],
+        ready_changed: Callable[[], trio.Event],
         *,
         wall_clock: Callable[[], float] = time.time,
         unavailable_retry_after: int = 5,
@@ -214,10 +212,6 @@ class Admission:
                 changed = self._ready_changed()
                 if self._is_ready():
                     await self._changed_by(changed, deadline)
-                else:
-                    _discard(changed)
-        else:
-            _discard(changed)
         await self._wait_ready(deadline)
         if self.draining:
             return Comeback.DRAINING
@@ -230,36 +224,29 @@ class Admission:
                 # made before the wait begins (trio runs the tasks of one batch in any order).
                 changed = self._ready_changed()
                 if self._is_ready() or self.draining:
-                    _discard(changed)
                     return
                 await self._change_or_drain(changed)
 
-    async def _changed_by(self, changed: Awaitable[None], deadline: float) -> bool:
+    async def _changed_by(self, changed: trio.Event, deadline: float) -> bool:
         """Wait for `changed` (or draining) until `deadline`; True if it came."""
         with trio.move_on_at(deadline):
             await self._change_or_drain(changed)
             return True
         return False
 
-    async def _change_or_drain(self, changed: Awaitable[None]) -> None:
+    async def _change_or_drain(self, changed: trio.Event) -> None:
         async with trio.open_nursery() as nursery:
 
-            async def wake(wait: Awaitable[None]) -> None:
-                await wait
+            async def wake(event: trio.Event) -> None:
+                await event.wait()
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(wake, changed)
-            nursery.start_soon(wake, self._drain.wait())
+            nursery.start_soon(wake, self._drain)
 
     def _reject(self, record: RequestRecord, status: int, retry_after: int, reason: str) -> NoReturn:
         self._ledger.reject(record, self._wall_clock(), status)
         raise Rejected(status, min(max(retry_after, 1), MAX_RETRY_AFTER), reason)
-
-
-def _discard(wait: Awaitable[None]) -> None:
-    """Drop a wait that will not be awaited (a coroutine left unawaited is warned about)."""
-    if inspect.iscoroutine(wait):
-        wait.close()
 
 
 def _seconds(value: float) -> int:

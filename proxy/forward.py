@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from proxy.headers import HOP_BY_HOP
 from proxy.upstream import (
     ConnectRefused,
     ConnectTimeout,
@@ -48,15 +49,12 @@ from proxy.upstream import (
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-# Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus those we recompute.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-    b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"remote-addr",
-    b"proxy-connection", b"expect",
-})
+# Hop-by-hop fields (one list for both directions: proxy/headers.py), plus those this module writes
+# itself (Host, Content-Length) or that belong to the client's own exchange (Expect, Remote-Addr).
+_NOT_SENT = HOP_BY_HOP | {b"host", b"content-length", b"remote-addr", b"expect"}
 
 # The answer's own `date` and `server` are dropped: hypercorn writes both, and a client must not get two.
-_NOT_RELAYED = HOP_BY_HOP | {b"date", b"server"}
+_NOT_RELAYED = _NOT_SENT | {b"date", b"server"}
 
 # An answer with a Content-Length up to this size, and not a stream, is relayed in one message.
 BUFFER_MAX = 8 * 1024 * 1024
@@ -205,7 +203,7 @@ class Forwarder:
         the answer's head and each wait for body data; None (a stream) means the limits' stream
         timeouts. Raises UpstreamError before the answer has started."""
         verb = self._method(method)
-        head = request_head(verb, self._target(path, query), self._host, headers, HOP_BY_HOP, len(body))
+        head = request_head(verb, self._target(path, query), self._host, headers, _NOT_SENT, len(body))
         client = self._client
         if read_timeout is None:
             head_timeout, idle_timeout = self.limits.stream_head_timeout, self.limits.stream_idle_timeout

@@ -73,6 +73,9 @@ class LoadSnapshot:
     proxy_busy: float | None = None
     service_time: float | None = None  # seconds one request spends in service at capacity
     mean_request_work: float | None = None  # recent mean units per request
+    # Where max_perf came from ("benchmark", "cache", "configured", ...): the estimate names it when
+    # max_perf alone is the capacity, so /status tells one source, not two.
+    max_perf_source: str = "benchmark"
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ class Estimate:
     stalled: bool  # requests in flight while the GPU stays idle: log it
     hidden_work: float  # units at the model server or GPU that did not pass the proxy
     pending_work: float  # all outstanding units: waiting + running + hidden
-    capacity_source: str  # "blended", "benchmark", "online" or "unknown"
+    capacity_source: str  # "blended", "online", "unknown", or max_perf's own source ("benchmark", "configured"...)
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ def _fraction(x: float | None) -> float | None:
     return min(max(float(x), 0.0), 1.0)
 
 
-def _capacity(max_perf: float, online: float | None) -> tuple[float, str]:
+def _capacity(max_perf: float, online: float | None, max_perf_source: str = "benchmark") -> tuple[float, str]:
     if online is not None and online <= 0.0:
         online = None  # a meter that saw nothing served has not measured anything
     if max_perf > 0.0 and online is not None:
@@ -127,7 +130,7 @@ def _capacity(max_perf: float, online: float | None) -> tuple[float, str]:
         refined = min(max(online, max_perf / 2.0), max_perf * 2.0)
         return (max_perf + refined) / 2.0, "blended"
     if max_perf > 0.0:
-        return max_perf, "benchmark"
+        return max_perf, max_perf_source
     if online is not None:
         return online, "online"
     return 0.0, "unknown"
@@ -146,7 +149,7 @@ def estimate(s: LoadSnapshot, params: EstimateParams = DEFAULT_PARAMS) -> Estima
     if busy is None:
         busy = 1.0 if in_flight > 0 else 0.0
 
-    capacity, source = _capacity(_amount(s.max_perf), _known(s.online_perf))
+    capacity, source = _capacity(_amount(s.max_perf), _known(s.online_perf), s.max_perf_source)
     # Unknown capacity: 1 unit/s, i.e. a unit is a second of work (Vast's default cost of 1 per request).
     cap = max(capacity if capacity > 0.0 else 1.0, CAPACITY_FLOOR)
     service_time = _known(s.service_time)

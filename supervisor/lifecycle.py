@@ -61,10 +61,6 @@ class Outcome:
     kind: str  # exited | error | fatal | load_timeout | unhealthy | hup | shutdown | spawn_failed
     reason: str
 
-    @property
-    def is_failure(self) -> bool:
-        return self.kind not in ("hup", "shutdown")
-
 
 @dataclass
 class Run:

@@ -15,7 +15,6 @@ queue is unknown to the estimate, never an idle server, and `/status` says why.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -90,6 +89,10 @@ class LoadMonitor:
         decision and the reporter's cur_load add it to the ledger's live work."""
         return self.current.hidden_work
 
+    def _max_perf_source(self) -> str:
+        source = self._capacity_source() if self._capacity_source is not None else ""
+        return source if source not in ("", "none") else "benchmark"
+
     def hold_model_queue(self) -> None:
         """Until `accept_model_queue`, the estimate ignores the model server's queue (warming: the
         queue then is the benchmark's)."""
@@ -144,6 +147,7 @@ class LoadMonitor:
             running_work=ledger.running_work,
             waiting_work=ledger.waiting_work,
             max_perf=self._max_perf(),
+            max_perf_source=self._max_perf_source(),
             online_perf=self._throughput.rate(now),
             model_waiting=queue.waiting if queue else None,
             model_running=queue.running if queue else None,
@@ -173,13 +177,7 @@ class LoadMonitor:
         self._busy.update(now, 1.0 if ledger.running else 0.0)
         if self.gpu is not None and self.gpu.available:
             self._gpu_duty.update(now, self.gpu.utilisation)
-        current = estimate(self.snapshot())
-        configured = self._capacity_source() if self._capacity_source is not None else ""
-        if current.capacity_source == "benchmark" and configured not in ("", "none"):
-            # The estimate only knows max_perf is set; the worker knows whence (MAX_PERF, the cache,
-            # a run): /status must name one source, not two.
-            current = dataclasses.replace(current, capacity_source=configured)
-        self.current = current
+        self.current = estimate(self.snapshot())
         if self.current.stalled and not self._stall_logged:
             self._log.warning("load.stall", in_flight=ledger.running, gpu=self.gpu.utilisation if self.gpu else None)
         self._stall_logged = self.current.stalled

@@ -148,11 +148,6 @@ class PipeReader:
             self._sink(self.name, line)
 
 
-async def pump(stream: trio.lowlevel.FdStream, name: str, model: ModelProcess, sink: LineSink) -> None:
-    """Read one pipe to its end, line by line (a `PipeReader` run to EOF)."""
-    await PipeReader(stream, name, model, sink).run()
-
-
 def _descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)

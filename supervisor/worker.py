@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Awaitable
 from pathlib import Path
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -116,11 +115,11 @@ class Worker:
     def in_flight(self) -> int:
         return self.ledger.in_flight
 
-    def wait_state_change(self) -> Awaitable[None]:
-        """Returns once the state changes after this call. Not `async def`: the event is taken now,
-        so a transition before the caller's first wait is never missed (a request waiting for
-        `ready` once slept through it, until its deadline)."""
-        return self.state_changed.wait()
+    def next_state_change(self) -> trio.Event:
+        """The event the next transition sets. A caller takes it before it reads the state, so a
+        transition in between is never missed (a request waiting for `ready` once slept through it,
+        until its deadline)."""
+        return self.state_changed
 
     def on_transition(self, t: Transition) -> None:
         self.state_since_wall = time.time()
@@ -314,7 +313,7 @@ def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
         return model is not None and model.process.returncode is not None
 
     admission = Admission(ledger, load.capacity, lambda: holder[0].is_ready(),
-                          lambda: holder[0].wait_state_change(), hidden_work=load.hidden_work,
+                          lambda: holder[0].next_state_change(), hidden_work=load.hidden_work,
                           server_gone=server_gone)
     verifier = Verifier(keys, config.signature_format, config.public_url) if keys is not None else None
     forwarder = Forwarder(config.model_server_url, ForwardLimits(

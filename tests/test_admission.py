@@ -3,7 +3,6 @@ waiting for readiness, 503 when not ready or draining, and a bounded Retry-After
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 import orjson
 import pytest
 import trio
@@ -34,9 +33,9 @@ class Readiness:
     def is_ready(self) -> bool:
         return self.ready
 
-    def changed(self) -> Awaitable[None]:
-        """The next change after this call (the event is taken now, as the worker's is)."""
-        return self._changed.wait()
+    def changed(self) -> trio.Event:
+        """The event the next change sets, as the worker's `next_state_change`."""
+        return self._changed
 
     def set(self, ready: bool) -> None:
         self.ready = ready

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import trio
 
-from supervisor.process import ModelProcess, PipeReader, pump, spawn, stop_tree
+from supervisor.process import ModelProcess, PipeReader, spawn, stop_tree
 
 
 async def read_line(stream: trio.abc.ReceiveStream) -> str:
@@ -40,8 +40,9 @@ async def test_spawn_and_pump_collect_both_streams() -> None:
     assert isinstance(model, ModelProcess) and model.pid == model.process.pid
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, model.process.stdout, "stdout", model, lambda s, line: got.append((s, line)))
-            nursery.start_soon(pump, model.process.stderr, "stderr", model, lambda s, line: got.append((s, line)))
+            for name in ("stdout", "stderr"):
+                reader = PipeReader(getattr(model.process, name), name, model, lambda s, line: got.append((s, line)))
+                nursery.start_soon(reader.run)
         assert await model.process.wait() == 0
     assert [line for s, line in got if s == "stdout"] == ["a", "no newline"]
     assert [line for s, line in got if s == "stderr"] == ["b"]
