@@ -11,12 +11,12 @@ import random
 import sys
 from pathlib import Path
 
-from backends.spec import BackendSpec, Route, field_workload
+from backends.spec import BackendSpec, Route, ServerLimits, field_workload
 
 _WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 
 
-def benchmark_payload(rng: random.Random) -> dict:
+def benchmark_payload(rng: random.Random, _limits: ServerLimits) -> dict:
     return {
         "inputs": " ".join(rng.choice(_WORDS) for _ in range(32)),
         "parameters": {"max_new_tokens": 32},
@@ -41,7 +41,9 @@ SPEC = BackendSpec(
     fatal_patterns=("demo: fatal model error",),
     info_patterns=("demo: loading model weights",),
     routes=(
-        Route("/generate", workload=_workload, benchmark=benchmark_payload, max_workload=_MAX_WORKLOAD),
-        Route("/generate_stream", workload=_workload, timeout=None, max_workload=_MAX_WORKLOAD),
+        Route("/generate", workload=_workload, benchmark=benchmark_payload, max_workload=_MAX_WORKLOAD,
+              rerun_if_crashed=True),
+        Route("/generate_stream", workload=_workload, timeout=None, max_workload=_MAX_WORKLOAD,
+              rerun_if_crashed=True),
     ),
 )

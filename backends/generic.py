@@ -16,4 +16,5 @@ SPEC = BackendSpec(
     default_url="http://127.0.0.1:18000",
     health_path="/health",
     routes=ROUTES,
+    limits_kind="openai",
 )

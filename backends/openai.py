@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 
-from backends.spec import BackendSpec, Route, field_workload
+from backends.spec import BackendSpec, Route, ServerLimits, field_workload
 
 _WORDS = (
     "zebra", "context", "question", "answer", "river", "mountain", "history", "energy", "planet", "signal",
@@ -26,24 +26,52 @@ _WORDS = (
 )
 
 
-def completion_payload(rng: random.Random) -> dict:
+PROMPT_WORDS, MAX_TOKENS = 250, 500  # the payload where the server states no limits
+SPECIAL_TOKENS = 8  # BOS and the like, beside the prompt's own tokens
+DEFAULT_TOKENS_PER_WORD = 2.0  # a margin for servers that cannot count tokens (no /tokenize)
+
+
+def fitted_sizes(limits: ServerLimits) -> tuple[int, int]:
+    """(prompt words, max_tokens) that fit one request into `limits.context_tokens`.
+
+    Output gets at most a third of the context and the prompt 90 % of the rest, by the server's own
+    count of tokens per word of these words; with no stated context the sizes are Vast's (250 words,
+    500 tokens).
+    """
+    if limits.context_tokens is None:
+        return PROMPT_WORDS, MAX_TOKENS
+    budget = max(limits.context_tokens - SPECIAL_TOKENS, 2)
+    max_tokens = max(1, min(MAX_TOKENS, budget // 3))
+    per_word = limits.tokens_per_word or DEFAULT_TOKENS_PER_WORD
+    words = int((budget - max_tokens) * 0.9 / per_word)
+    return max(1, min(PROMPT_WORDS, words)), max_tokens
+
+
+def completion_payload(rng: random.Random, limits: ServerLimits) -> dict:
     # Built locally: no tokenizer or word list is downloaded at run time.
-    return {"prompt": " ".join(rng.choice(_WORDS) for _ in range(250)), "max_tokens": 500, "temperature": 0.7}
+    words, max_tokens = fitted_sizes(limits)
+    payload = {"prompt": " ".join(rng.choice(_WORDS) for _ in range(words)), "max_tokens": max_tokens,
+               "temperature": 0.7}
+    if limits.model:
+        payload["model"] = limits.model
+    return payload
 
 
 _workload = field_workload("max_tokens")
 ROUTES = (
-    Route("/v1/completions", max_queue_time=600.0, timeout=None, workload=_workload, benchmark=completion_payload),
-    Route("/v1/chat/completions", max_queue_time=600.0, timeout=None, workload=_workload),
+    Route("/v1/completions", max_queue_time=600.0, timeout=None, workload=_workload, benchmark=completion_payload,
+          rerun_if_crashed=True),
+    Route("/v1/chat/completions", max_queue_time=600.0, timeout=None, workload=_workload, rerun_if_crashed=True),
 )
 
 
 def _spec(name: str, description: str, url: str, load: tuple[str, ...], errors: tuple[str, ...],
           fatal: tuple[str, ...] = (), health: str = "/health", metrics: str | None = None,
-          info: tuple[str, ...] = ()) -> BackendSpec:
+          info: tuple[str, ...] = (), limits: str = "openai") -> BackendSpec:
     return BackendSpec(
         name=name, description=description, default_url=url, health_path=health, load_patterns=load,
         error_patterns=errors, fatal_patterns=fatal, info_patterns=info, routes=ROUTES, metrics_path=metrics,
+        limits_kind=limits,
     )
 
 
@@ -88,6 +116,12 @@ VLLM = _spec(
         "Invalid repository ID or local directory specified:",
         # v0.32.0 vllm/model_executor/models/registry.py:1206: an architecture this vLLM cannot run.
         "are not supported for now. Supported architectures:",
+        # v0.32.0 vllm/config/model.py:150: the configs are pydantic dataclasses, validated when the
+        # API server builds them from its flags at start-up (vllm/engine/arg_utils.py:1955), e.g.
+        # `--max-model-len` above the model's (config/model.py:2646). Seen from a real vLLM 0.32.0:
+        # `pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig`, then
+        # exit 1, five times over. Requests are validated by other models, which are not `*Config`.
+        r"re:ValidationError: \d+ validation errors? for \w*Config$",
     ),
     metrics="/metrics", info=('"message":"Download', "Loading weights"),
 )
@@ -154,7 +188,7 @@ LLAMACPP = _spec(
     ),
     # `llamacpp:requests_processing` / `llamacpp:requests_deferred` (tools/server/server-context.cpp),
     # served only with `--metrics`; without it the path answers 501 and the probe backs off.
-    metrics="/metrics",
+    metrics="/metrics", limits="llamacpp",
 )
 
 # -- Ollama: ollama/ollama v0.32.15. slog's text format: `time=... level=INFO source=routes.go:2008

@@ -14,8 +14,24 @@ from typing import Any
 
 # payload -> workload units, or None to fall back to auth_data.cost, then 1.
 WorkloadFn = Callable[[Mapping[str, Any]], float | None]
-# seeded RNG -> one benchmark payload (built locally, never downloaded).
-BenchmarkFn = Callable[[random.Random], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What the model server said about itself before the benchmark; None where it said nothing.
+
+    The benchmark fits its payloads to these (probes/limits.py asks for them): a request that does not
+    fit the server's context is answered with an error, and that measures nothing.
+    """
+
+    model: str | None = None  # the name to put in `model` (Ollama requires it; vLLM checks it)
+    context_tokens: int | None = None  # the most tokens, prompt and output together, one request may hold
+    tokens_per_word: float | None = None  # of the benchmark's own words, by the server's tokenizer
+    slots: int | None = None  # requests the server runs at once (llama-server's -np)
+
+
+# seeded RNG, the server's limits -> one benchmark payload (built locally, never downloaded).
+BenchmarkFn = Callable[[random.Random, ServerLimits], dict[str, Any]]
 
 
 def no_workload(_payload: Mapping[str, Any]) -> float | None:
@@ -54,6 +70,10 @@ class Route:
     # the client's to choose); None: the global MAX_WORKLOAD. See proxy.envelope.workload_of.
     max_workload: float | None = None
     benchmark: BenchmarkFn | None = None
+    # The request's only effect is its answer (text generation): one the model server had taken when
+    # it died, with nothing of the answer relayed yet, is sent again after the restart instead of
+    # answered 502. False for routes whose requests act on the world (files, webhooks, jobs).
+    rerun_if_crashed: bool = False
 
     @property
     def target(self) -> str:
@@ -78,6 +98,9 @@ class BackendSpec:
     routes: tuple[Route, ...] = ()
     metrics_path: str | None = None  # the server's own queue metrics endpoint, if any
     metrics_kind: str = "prometheus"  # or "comfyui" (GET /queue)
+    # How to ask the server for its limits before a benchmark (probes/limits.py): "llamacpp" (/props),
+    # "openai" (/v1/models, /tokenize) or None (ask nothing).
+    limits_kind: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def route(self, path: str) -> Route | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 
-from backends.spec import BackendSpec, Route, field_workload
+from backends.spec import BackendSpec, Route, ServerLimits, field_workload
 
 _WORDS = (
     "model", "answer", "question", "river", "mountain", "window", "garden", "history", "energy", "music",
@@ -24,7 +24,7 @@ _WORDS = (
 )
 
 
-def benchmark_payload(rng: random.Random) -> dict:
+def benchmark_payload(rng: random.Random, _limits: ServerLimits) -> dict:
     # Built locally from a fixed word list: nothing is downloaded at run time.
     return {
         "inputs": " ".join(rng.choice(_WORDS) for _ in range(250)),
@@ -64,9 +64,10 @@ SPEC = BackendSpec(
     ),
     info_patterns=('"message":"Download',),
     routes=(
-        Route("/generate", workload=_workload, benchmark=benchmark_payload),
-        Route("/generate_stream", workload=_workload, timeout=None),
+        Route("/generate", workload=_workload, benchmark=benchmark_payload, rerun_if_crashed=True),
+        Route("/generate_stream", workload=_workload, timeout=None, rerun_if_crashed=True),
     ),
     metrics_path="/metrics",
+    limits_kind="tgi",
     extra={"model_env": "MODEL_ID"},
 )

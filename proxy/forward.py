@@ -83,7 +83,8 @@ class ForwardLimits:
 
 
 class UpstreamError(Exception):
-    def __init__(self, status: int, reason: str, refused: bool = False, reset: bool = False) -> None:
+    def __init__(self, status: int, reason: str, refused: bool = False, reset: bool = False,
+                 broken: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
@@ -91,6 +92,9 @@ class UpstreamError(Exception):
         # The connection was reset before any byte of an answer (or the request could not be
         # written at all): the server never read the whole request (see upstream.Disconnected).
         self.reset = reset
+        # The connection broke or closed (not a timeout, not a malformed answer) before anything of
+        # the answer was relayed: the server may have run the request, the client has had nothing.
+        self.broken = broken or reset
 
     @property
     def unserved(self) -> bool:
@@ -114,7 +118,7 @@ def _upstream_error(exc: UpstreamFailure, answered: bool = False) -> UpstreamErr
         return UpstreamError(504, f"model server timed out ({type(exc).__name__}: {exc})")
     reset = not answered and isinstance(exc, Disconnected) and (exc.reset or exc.unsent)
     return UpstreamError(502, f"model server unreachable ({type(exc).__name__}: {exc})",
-                         refused=isinstance(exc, ConnectRefused), reset=reset)
+                         refused=isinstance(exc, ConnectRefused), reset=reset, broken=isinstance(exc, Disconnected))
 
 
 def _relayed_headers(headers: list[tuple[bytes, bytes]], codings: list[bytes]) -> list[tuple[bytes, bytes]]:

@@ -251,9 +251,12 @@ class RequestHandler:
                     except UpstreamError as exc:
                         # A request the server never ran (refused, or reset before any answer: it
                         # died, or is dying) waits for its restart, then goes again; one it may have
-                        # run is never sent twice (a 502). The wait, over however many crashes,
-                        # is bounded by one max_queue_time from the first failure.
-                        if not exc.unserved:
+                        # run is never sent twice (a 502), unless the route says running it again
+                        # has no effect but the answer and the client has had nothing of it yet.
+                        # Either way only when the server really went down (NOT_DOWN: 502). The
+                        # wait, over however many crashes, is bounded by one max_queue_time from
+                        # the first failure.
+                        if not (exc.unserved or (route.rerun_if_crashed and exc.broken)):
                             raise
                         if comeback_by is None:
                             comeback_by = trio.current_time() + route.max_queue_time

@@ -4,24 +4,27 @@ This module owns three things:
 
 - `run_benchmark`: the measurement. A warm-up request, then `runs` rounds of `concurrency` requests
   (1 for a non-parallel route), each POSTing a payload built locally by the route's benchmark
-  generator straight to the model server (raw payload, no envelope: shepherd's proxy is not in the
-  path). A round's throughput is the workload of its successful (2xx) responses divided by the
-  round's wall time. Capacity is the median of the rounds that had a success (`robust_capacity`).
+  generator, fitted to the limits the server states (`backends.spec.ServerLimits`, asked by
+  `probes/limits.py`), straight to the model server (raw payload, no envelope: shepherd's proxy is not
+  in the path). A round's throughput is its workload divided by its wall time, counted only when every
+  request of the round was served (2xx). Capacity is the median of those rounds (`robust_capacity`).
 - `BenchmarkCache`: a JSON file `{key: {"max_perf": float, "at": iso}}` so a restart of the same
-  server skips the benchmark, keyed (`cache_key`) by backend, model identity (`model_identity`),
-  GPU names and benchmark settings, so a changed model or GPU never reuses a stale number. Vast's
-  legacy `.has_benchmark` (one float on its first line) is honoured on a first boot only (see
+  server skips the benchmark, keyed (`cache_key`) by backend, model identity (`model_identity`: the
+  model and the flags that change capacity, such as context length and parallel slots), GPU names and
+  benchmark settings, so a changed model or GPU never reuses a stale number. Vast's legacy
+  `.has_benchmark` (one float on its first line) is honoured on a first boot only (see
   `BenchmarkCache.get`).
 - `measure_capacity`: the one call the lifecycle's warm-up makes: a configured number, else the
-  cache, else a benchmark whose result is then cached.
+  cache, else a benchmark, whose result is cached only when no request of it failed.
 
 "Not ready" versus "broken": while the model server refuses connections or answers 503 it is still
 coming up (ComfyUI's GUI line, for one, is printed before its API wrapper listens). Vast's worker
 treats that as a failed benchmark and locks the worker in an error (pyworker PR #85); here it is
 retried with backoff (0.2 s doubling to 5 s) until `deadline_s`. Any other failure (another 4xx/5xx,
-a read timeout, a broken connection) counts against the round, and if every round fails the
-benchmark raises `BenchmarkError`: the caller must restart the server and report the error; a
-capacity of 0 is never returned.
+a read timeout, a broken connection) spoils its round; when no round is served whole the benchmark
+raises `BenchmarkError`, a capacity of 0 is never returned. The error says whether the server
+*answered* (an HTTP error from a live server: its configuration refuses the payload, and a restart
+cannot change that) or not (timeouts, broken connections: a restart may help); the caller decides.
 
 `BenchmarkCache` is synchronous (small files, plain `open`); async callers run it through
 `trio.to_thread.run_sync`, which `measure_capacity` does via its injectable `run_sync`.
@@ -48,7 +51,7 @@ from typing import Any
 import httpx
 import trio
 
-from backends.spec import BackendSpec, Route
+from backends.spec import BackendSpec, Route, ServerLimits
 from supervisor.logs import get_logger
 
 __all__ = [
@@ -61,11 +64,14 @@ __all__ = [
     "cache_key",
     "measure_capacity",
     "model_identity",
+    "prompt_text",
     "robust_capacity",
     "run_benchmark",
 ]
 
 RunSync = Callable[..., Awaitable[Any]]
+# sample prompt -> what the server says of its limits (probes.limits.probe_limits, bound to a server)
+ProbeLimits = Callable[[str], Awaitable[ServerLimits]]
 
 STATISTIC = "median"
 CACHE_VERSION = 1  # part of every key: a change to how capacity is measured invalidates old entries
@@ -74,11 +80,17 @@ _ERROR_TEXT_LIMIT = 200  # characters of a failure kept for the error message
 
 
 class BenchmarkError(Exception):
-    """The benchmark could not measure a capacity; `reason` says why, fit for `error_msg`."""
+    """The benchmark could not measure a capacity; `reason` says why, fit for `error_msg`.
 
-    def __init__(self, reason: str) -> None:
+    `answered`: the server answered with an HTTP error (not 503), so it is alive and what failed is
+    the request against its configuration (a context too small, a route it does not serve). A
+    restart cannot fix that; the caller goes on without a measured capacity instead.
+    """
+
+    def __init__(self, reason: str, answered: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.answered = answered
 
 
 @dataclass(frozen=True)
@@ -104,8 +116,14 @@ class BenchmarkSettings:
 @dataclass(frozen=True)
 class BenchmarkResult:
     max_perf: float  # workload units per second
-    rounds: tuple[float, ...]  # throughput of each round, failed rounds included as 0.0
+    rounds: tuple[float, ...]  # throughput of each round; a round with any failed request is 0.0
     statistic: str  # how max_perf was derived from the rounds
+    failed: int = 0  # requests that failed, over all rounds
+
+    @property
+    def complete(self) -> bool:
+        """Every request of every round served: only such a result is worth caching."""
+        return self.failed == 0
 
 
 @dataclass(frozen=True)
@@ -154,6 +172,7 @@ class _Answer:
     kind: _Kind
     workload: float = 0.0
     error: str = ""
+    answered: bool = False  # an HTTP answer (an error status from a live server), not a broken exchange
 
 
 @dataclass(frozen=True)
@@ -171,9 +190,16 @@ class _Round:
         return self.successes == 0 and any(a.kind is _Kind.NOT_READY for a in self.answers)
 
     @property
+    def failed(self) -> int:
+        return len(self.answers) - self.successes
+
+    @property
     def throughput(self) -> float:
-        served = sum(a.workload for a in self.answers if a.kind is _Kind.OK)
-        return served / self.seconds if self.seconds > 0 else 0.0
+        """Workload per second, or 0.0 when any request failed: a round in which the server refused
+        some of the work measures how fast it refuses, not how fast it serves."""
+        if self.failed or self.seconds <= 0:
+            return 0.0
+        return sum(a.workload for a in self.answers) / self.seconds
 
     @property
     def first_error(self) -> str:
@@ -213,7 +239,13 @@ async def _one(
         return _Answer(_Kind.NOT_READY, error="HTTP 503")
     if 200 <= response.status_code < 300:
         return _Answer(_Kind.OK, workload=workload)
-    return _Answer(_Kind.FAILED, error=f"HTTP {response.status_code}")
+    return _Answer(_Kind.FAILED, error=f"HTTP {response.status_code}{_said(response)}", answered=True)
+
+
+def _said(response: httpx.Response) -> str:
+    """The start of an error answer's text (llama-server: `Context size has been exceeded`), one line."""
+    text = " ".join(response.text[:_ERROR_TEXT_LIMIT].split())
+    return f": {text}" if text else ""
 
 
 async def _round(
@@ -234,13 +266,15 @@ async def _round(
 
 
 async def run_benchmark(
-    client: httpx.AsyncClient, base_url: str, route: Route, settings: BenchmarkSettings = BenchmarkSettings()
+    client: httpx.AsyncClient, base_url: str, route: Route, settings: BenchmarkSettings = BenchmarkSettings(),
+    limits: ServerLimits = ServerLimits(),
 ) -> BenchmarkResult:
     """Measure the route's capacity in workload units per second. Raises BenchmarkError.
 
     The warm-up (or, without one, the first round) is repeated with backoff while the server is
     not ready, up to `settings.deadline_s`; so is any later round in which the server went back to
-    "not ready" without serving anything. Payloads come from `route.benchmark(random.Random(seed))`.
+    "not ready" without serving anything. Payloads come from
+    `route.benchmark(random.Random(seed), limits)`, fitted to what the server said of itself.
     """
     generate = route.benchmark
     if generate is None:
@@ -258,7 +292,7 @@ async def run_benchmark(
         delay = settings.retry_initial_s
         tries = 0
         while True:
-            payloads = [generate(rng) for _ in range(count)]
+            payloads = [generate(rng, limits) for _ in range(count)]
             step = await _round(client, url, route, payloads, settings.request_timeout_s)
             if not step.not_ready:
                 if tries:
@@ -280,12 +314,14 @@ async def run_benchmark(
             log.warning("benchmark.warmup_failed", error=warm.first_error)
 
     rounds: list[float] = []
-    last_error = ""
+    last_error, failed, answered = "", 0, False
     for index in range(settings.runs):
         step = await until_ready(f"round {index + 1}", concurrency)
         rounds.append(step.throughput)
-        if step.successes == 0:
+        failed += step.failed
+        if step.failed:
             last_error = step.first_error
+            answered = answered or any(a.answered for a in step.answers)
         log.info(
             "benchmark.round", round=index + 1, throughput=round(step.throughput, 3), ok=step.successes,
             failed=len(step.answers) - step.successes, seconds=round(step.seconds, 3),
@@ -294,8 +330,12 @@ async def run_benchmark(
 
     max_perf = robust_capacity(rounds)
     if max_perf <= 0.0:
-        raise BenchmarkError(f"benchmark: all {settings.runs} rounds failed; last error: {last_error or 'none served'}")
-    result = BenchmarkResult(max_perf=max_perf, rounds=tuple(rounds), statistic=STATISTIC)
+        raise BenchmarkError(
+            f"benchmark: {failed} of {settings.runs * concurrency} requests failed, no round was served whole; "
+            f"last error: {last_error or 'none served'}",
+            answered=answered,
+        )
+    result = BenchmarkResult(max_perf=max_perf, rounds=tuple(rounds), statistic=STATISTIC, failed=failed)
     log.info("benchmark.done", max_perf=round(max_perf, 3), statistic=STATISTIC, rounds=[round(r, 3) for r in rounds])
     return result
 
@@ -315,6 +355,9 @@ _CAPACITY_FLAGS: tuple[str, ...] = (
     "--revision", "--quantize", "--quantization", "--dtype", "--kv-cache-dtype", "--tensor-parallel-size", "-tp",
     "--tp", "--tp-size", "--num-shard", "--max-model-len", "--max-batch-total-tokens", "--ctx-size", "-c",
     "--n-gpu-layers", "-ngl",
+    # How many requests run at once: llama-server's slots, vLLM's and SGLang's batch limits.
+    "--parallel", "-np", "--max-num-seqs", "--max-num-batched-tokens", "--max-running-requests",
+    "--gpu-memory-utilization", "--mem-fraction-static",
 )
 
 
@@ -512,10 +555,12 @@ async def measure_capacity(
     key: str,
     *,
     fixed_max_perf: float | None = None,
+    probe: ProbeLimits | None = None,
     run_sync: RunSync = trio.to_thread.run_sync,
 ) -> Capacity:
     """`max_perf` from, in order: `fixed_max_perf` (--skip-benchmark --max-perf N), the cache, a benchmark
-    (whose result is then cached). Raises BenchmarkError when the benchmark fails."""
+    (whose result is cached when every request of it was served). Raises BenchmarkError when the
+    benchmark fails. Before a benchmark, `probe` asks the server for its limits, to fit the payloads."""
     log = get_logger("supervisor.benchmark")
     if fixed_max_perf is not None:
         if _usable(fixed_max_perf) is None:
@@ -528,7 +573,23 @@ async def measure_capacity(
             log.info("benchmark.skipped", max_perf=value, source=source, key=key,
                      path=str(cache.path if source == "cache" else cache.legacy_path))
             return Capacity(value, source)
-    result = await run_benchmark(client, base_url, route, settings)
-    if cache is not None:
+    limits = ServerLimits()
+    if probe is not None and route.benchmark is not None:
+        limits = await probe(prompt_text(route.benchmark(random.Random(settings.seed), limits)))
+    result = await run_benchmark(client, base_url, route, settings, limits)
+    if cache is not None and result.complete:
         await run_sync(cache.put, key, result.max_perf)
+    elif cache is not None:
+        log.warning("benchmark.not_cached", failed=result.failed, why="some requests failed; measured again next start")
     return Capacity(result.max_perf, "benchmark", result)
+
+
+def prompt_text(payload: Mapping[str, Any]) -> str:
+    """The prompt of a benchmark payload (`prompt`, TGI's `inputs`, or the chat messages' text)."""
+    for name in ("prompt", "inputs"):
+        if isinstance(payload.get(name), str):
+            return payload[name]
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        return " ".join(m["content"] for m in messages if isinstance(m, Mapping) and isinstance(m.get("content"), str))
+    return ""

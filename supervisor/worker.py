@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from functools import partial
 from pathlib import Path
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,6 +22,7 @@ import trio
 from probes.gpu import default_gpu_probe
 from probes.health import HealthProbe
 from probes.host import HostProbe
+from probes.limits import probe_limits
 from probes.model_metrics import ModelMetricsProbe
 from proxy.admission import Admission
 from proxy.app import OPEN, Gateway, StatusAccess, create_app
@@ -35,6 +37,7 @@ from supervisor.benchmark import (
     BenchmarkCache,
     BenchmarkError,
     BenchmarkSettings,
+    Capacity,
     benchmark_route,
     cache_key,
     measure_capacity,
@@ -107,7 +110,8 @@ class Worker:
     state_since_wall: float = field(default_factory=time.time)
     state_changed: trio.Event = field(default_factory=trio.Event)
     max_perf: float = 0.0  # measured capacity in workload units per second (benchmark, cache, MAX_PERF)
-    capacity_source: str = "none"
+    capacity_source: str = "none"  # "unmeasured" when the server refused the benchmark (capacity_error says why)
+    capacity_error: str | None = None
 
     def is_ready(self) -> bool:
         return self.machine.state is State.READY
@@ -158,13 +162,25 @@ class Worker:
         key = cache_key(config.backend, model_identity(config.command, config.environ),
                         [d.name for d in gpu.devices], settings)
         cache = BenchmarkCache(Path(config.benchmark_cache), legacy_path=Path.cwd() / ".has_benchmark")
+        probe = partial(probe_limits, self.client, config.model_server_url, config.spec.limits_kind,
+                        env=config.environ)
+        self.capacity_error = None
         try:
             capacity = await measure_capacity(
                 self.client, config.model_server_url, route, settings, cache, key,  # type: ignore[arg-type]
-                fixed_max_perf=fixed,
+                fixed_max_perf=fixed, probe=probe,
             )
         except BenchmarkError as exc:
-            raise WarmupFailed(exc.reason) from exc
+            if not exc.answered:
+                raise WarmupFailed(exc.reason) from exc
+            # The server is up and answered: a restart would load the same configuration and fail the
+            # same way (issue 9: four restarts of a llama-server whose context was too small). Serve
+            # without a measured capacity, and say so.
+            self.capacity_error = exc.reason
+            capacity = Capacity(config.max_perf or 0.0, "unmeasured")
+            log.warning("benchmark.unmeasured", error=exc.reason, max_perf=capacity.max_perf,
+                        why="the model server answered the benchmark with errors; a restart cannot fix that. "
+                            "Set MAX_PERF to report a capacity anyway.")
         self.max_perf, self.capacity_source = capacity.max_perf, capacity.source
         self.report_state.set_max_perf(capacity.max_perf)
         log.info("benchmark.capacity", max_perf=capacity.max_perf, source=capacity.source,
@@ -209,6 +225,7 @@ class Worker:
             },
             "max_perf": self.max_perf,
             "capacity_source": self.capacity_source,
+            "capacity_error": self.capacity_error,
             **self.load.status(),
             "reporter": self.reporter.stats().as_dict() if self.reporter is not None else None,
             "shepherd": {

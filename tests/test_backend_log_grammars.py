@@ -66,6 +66,9 @@ CASES: list[tuple[str, str, Kind | None]] = [
     # One failed request: vLLM logs it (often with a traceback) and keeps serving.
     ("vllm", "(APIServer pid=1) ERROR 12-18 16:58:43 [serving.py:929] Error in chat completion stream generator.",
      None),
+    ("vllm", "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig", Kind.FATAL),
+    ("vllm", "pydantic_core._pydantic_core.ValidationError: 2 validation errors for CacheConfig", Kind.FATAL),
+    ("vllm", "pydantic_core._pydantic_core.ValidationError: 1 validation error for ChatCompletionRequest", None),
     ("vllm", "Traceback (most recent call last):", None),
     ("vllm", "ValueError: This model's maximum context length is 2048 tokens. However, you requested 4096 tokens "
              "(2048 in the messages, 2048 in the completion). Please reduce the length of the messages or completion.",

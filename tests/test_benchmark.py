@@ -20,7 +20,7 @@ import trio
 import trio.testing
 
 from backends import demo, tgi
-from backends.spec import BackendSpec, Route, field_workload
+from backends.spec import BackendSpec, Route, ServerLimits, field_workload
 from supervisor.benchmark import (
     BenchmarkCache,
     BenchmarkError,
@@ -29,13 +29,14 @@ from supervisor.benchmark import (
     cache_key,
     measure_capacity,
     model_identity,
+    prompt_text,
     robust_capacity,
     run_benchmark,
 )
 from tests.harness import free_port
 
 
-def payload(rng: random.Random) -> dict[str, Any]:
+def payload(rng: random.Random, _limits: ServerLimits) -> dict[str, Any]:
     return {"inputs": f"prompt {rng.randrange(1000)}", "parameters": {"max_new_tokens": 32}}
 
 
@@ -119,12 +120,22 @@ async def test_non_parallel_route_runs_one_at_a_time(clock: trio.testing.MockClo
     assert result.max_perf == pytest.approx(0.5)
 
 
-async def test_partial_failures_count_against_the_round(clock: trio.testing.MockClock) -> None:
-    model = Model(lambda n: 500 if n % 2 else 200)  # odd requests fail
+async def test_a_round_with_a_failed_request_measures_nothing(clock: trio.testing.MockClock) -> None:
+    model = Model(lambda n: 500 if n in (1, 5) else 200)  # one request of rounds 1 and 2 fails
     async with model.client() as client:
-        settings = BenchmarkSettings(runs=1, concurrency=4, warmup=False)
+        settings = BenchmarkSettings(runs=3, concurrency=4, warmup=False)
         result = await run_benchmark(client, "http://model", ROUTE, settings)
-    assert result.max_perf == pytest.approx(32.0)  # 2 of 4 served
+    assert result.rounds == pytest.approx((0.0, 0.0, 64.0))
+    assert result.max_perf == pytest.approx(64.0)  # from the one round served whole
+    assert result.failed == 2 and not result.complete
+
+
+async def test_every_round_partly_failing_is_an_answered_error(clock: trio.testing.MockClock) -> None:
+    model = Model(lambda n: 500 if n % 2 else 200)  # odd requests fail: each round serves half
+    async with model.client() as client:
+        with pytest.raises(BenchmarkError, match="6 of 12 requests failed, no round was served whole") as err:
+            await run_benchmark(client, "http://model", ROUTE, BenchmarkSettings(runs=3, concurrency=4, warmup=False))
+    assert err.value.answered
 
 
 async def test_refused_then_ready_retries_with_backoff(clock: trio.testing.MockClock) -> None:
@@ -159,18 +170,19 @@ async def test_never_ready_fails_at_the_deadline(clock: trio.testing.MockClock) 
 async def test_all_rounds_failing_is_an_error_not_zero(clock: trio.testing.MockClock) -> None:
     model = Model(lambda n: 200 if n == 0 else 500)  # warm-up fine, then every request errors
     async with model.client() as client:
-        with pytest.raises(BenchmarkError, match="all 3 rounds failed; last error: HTTP 500") as err:
+        with pytest.raises(BenchmarkError, match="12 of 12 requests failed.*last error: HTTP 500") as err:
             await run_benchmark(client, "http://model", ROUTE, QUICK)
-    assert "HTTP 500" in err.value.reason
+    assert "HTTP 500" in err.value.reason and err.value.answered  # a live server said no
 
 
 async def test_slow_answers_time_out_as_failures(clock: trio.testing.MockClock) -> None:
     model = Model(lambda n: 200, seconds=1000.0)
     settings = BenchmarkSettings(runs=2, concurrency=2, warmup=False, request_timeout_s=30.0)
     async with model.client() as client:
-        with pytest.raises(BenchmarkError, match="timed out after 30s"):
+        with pytest.raises(BenchmarkError, match="timed out after 30s") as err:
             await run_benchmark(client, "http://model", ROUTE, settings)
     assert trio.current_time() == pytest.approx(60.0)
+    assert not err.value.answered  # no answer: a restart may cure a hung server
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +258,7 @@ async def test_real_503s_then_success_and_all_500s() -> None:
     assert stub.count == 2 + 1 + 4 and result.max_perf > 0
     with Stub(lambda n: 500) as stub:
         async with httpx.AsyncClient() as client:
-            with pytest.raises(BenchmarkError, match="all 2 rounds failed; last error: HTTP 500"):
+            with pytest.raises(BenchmarkError, match="4 of 4 requests failed.*last error: HTTP 500"):
                 await run_benchmark(client, f"http://127.0.0.1:{stub.port}", ROUTE, settings)
 
 
@@ -374,3 +386,52 @@ async def test_measure_capacity_failure_leaves_the_cache_empty(clock: trio.testi
         with pytest.raises(BenchmarkError):
             await measure_capacity(client, "http://model", ROUTE, QUICK, cache, "k", run_sync=inline)
     assert not (tmp_path / "benchmark.json").exists()
+
+
+async def test_a_benchmark_with_failed_requests_is_used_but_not_cached(clock: trio.testing.MockClock,
+                                                                      tmp_path: Path) -> None:
+    model = Model(lambda n: 500 if n == 2 else 200)  # one request of round 1 fails
+    cache = BenchmarkCache(tmp_path / "benchmark.json")
+    async with model.client() as client:
+        with structlog.testing.capture_logs() as logs:
+            capacity = await measure_capacity(client, "http://model", ROUTE, QUICK, cache, "k", run_sync=inline)
+    assert capacity.source == "benchmark" and capacity.max_perf == pytest.approx(64.0)
+    assert cache.get("k") is None  # the next start measures again
+    assert any(e["event"] == "benchmark.not_cached" and e["failed"] == 1 for e in logs)
+
+
+async def test_the_probe_sees_the_prompt_and_its_limits_reach_every_payload(clock: trio.testing.MockClock) -> None:
+    seen: list[ServerLimits] = []
+    asked: list[str] = []
+
+    def fitted(rng: random.Random, limits: ServerLimits) -> dict[str, Any]:
+        seen.append(limits)
+        return {"prompt": f"one two {rng.randrange(9)}", "max_tokens": limits.context_tokens or 0}
+
+    async def probe(text: str) -> ServerLimits:
+        asked.append(text)
+        return ServerLimits(model="m", context_tokens=64)
+
+    model = Model(lambda n: 200)
+    route = Route("/v1/completions", workload=field_workload("max_tokens"), benchmark=fitted)
+    async with model.client() as client:
+        await measure_capacity(client, "http://model", route, QUICK, None, "k", probe=probe, run_sync=inline)
+    assert len(asked) == 1 and asked[0].startswith("one two ")
+    assert seen[0] == ServerLimits() and set(seen[1:]) == {ServerLimits(model="m", context_tokens=64)}
+    assert {p["max_tokens"] for _t, _path, p in model.requests} == {64}
+
+
+def test_prompt_text_of_each_payload_shape() -> None:
+    assert prompt_text({"prompt": "a b"}) == "a b"
+    assert prompt_text({"inputs": "c d", "parameters": {}}) == "c d"
+    assert prompt_text({"messages": [{"role": "user", "content": "e"}, {"content": 3}, "x"]}) == "e"
+    assert prompt_text({"other": 1}) == ""
+
+
+def test_the_flags_that_change_capacity_change_the_identity() -> None:
+    base = ("llama-server", "-m", "/m.gguf")
+    assert model_identity((*base, "-c", "2048", "-np", "4"), {}) == "/m.gguf (c=2048, np=4)"
+    assert model_identity((*base, "--parallel", "2"), {}) != model_identity((*base, "--parallel", "4"), {})
+    vllm = ("python", "-m", "vllm.entrypoints.openai.api_server", "--model", "org/m")
+    for flag in ("--max-num-seqs", "--max-model-len", "--tensor-parallel-size"):
+        assert model_identity((*vllm, flag, "8"), {}) != model_identity((*vllm, flag, "16"), {})

@@ -4,7 +4,7 @@ flips, as the supervisor would.
 
 Refused, or reset before any answer (the server died with the request unread): held, then sent
 again once the server is `ready` and answered 200, one request reaching the server. Read by the
-server before it died: 502, never sent twice. Not back within `max_queue_time`: 503 with
+server before it died: 502, never sent twice, unless the route is text generation (`rerun_if_crashed`). Not back within `max_queue_time`: 503 with
 Retry-After; draining: 503. Every wait is bounded (`fail_after`); nothing sleeps to pass.
 """
 
@@ -165,7 +165,13 @@ async def test_a_request_reset_unread_by_a_dying_server_is_served_after_the_rest
     await world.forwarder.aclose()
 
 
-async def test_a_request_the_server_read_before_dying_is_502_and_never_sent_twice(nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize("rerun", [False, True], ids=["acts", "generation"])
+async def test_a_request_the_server_read_before_dying_is_502_unless_the_route_may_rerun_it(
+    nursery: trio.Nursery, rerun: bool
+) -> None:
+    """A route whose requests may act on the world: 502, never sent twice. A text-generation route
+    (`rerun_if_crashed`), nothing of whose answer was sent: run again by the new server."""
+    route = Route("/generate", max_queue_time=30.0, rerun_if_crashed=rerun)
     port = closed_port()
     read = trio.Event()
 
@@ -182,7 +188,7 @@ async def test_a_request_the_server_read_before_dying_is_502_and_never_sent_twic
             await trio.serve_tcp(dies_after_reading, port, host="127.0.0.1", task_status=task_status)
 
     await nursery.start(serve_old)
-    world = World(port, GENERATE)
+    world = World(port, route)
     server = ModelServer(port)
     with trio.fail_after(10):
         async with trio.open_nursery() as inner:
@@ -190,11 +196,16 @@ async def test_a_request_the_server_read_before_dying_is_502_and_never_sent_twic
             await read.wait()
             old.cancel()
             world.readiness.set(False)
+            await trio.testing.wait_all_tasks_blocked()  # the EOF has been met (502, or waiting)
             await server.start(nursery)
             world.readiness.set(True)
-    assert world.status == 502
-    assert server.requests == 0  # not sent again to the new server
-    assert world.outcome() == [502]
+    if rerun:
+        assert (world.status, world.body, server.requests) == (200, ANSWER, 1)
+        assert world.outcome() == [200]
+    else:
+        assert world.status == 502
+        assert server.requests == 0  # not sent again to the new server
+        assert world.outcome() == [502]
     server.kill()
     await world.forwarder.aclose()
 
