@@ -12,6 +12,7 @@ class HealthResult:
     ok: bool
     status: int | None  # HTTP status, None when no answer came
     error: str  # "" when ok
+    timed_out: bool = False  # connected (or connecting) but no answer in time: busy or hung, not refused
 
     @property
     def refused(self) -> bool:
@@ -29,7 +30,7 @@ class HealthProbe:
         try:
             response = await self._client.get(self._url, timeout=self._timeout)
         except httpx.TimeoutException:
-            return HealthResult(False, None, "timed out")
+            return HealthResult(False, None, "timed out", timed_out=True)
         except httpx.HTTPError as exc:
             return HealthResult(False, None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         if response.status_code == 200:

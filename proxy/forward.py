@@ -26,11 +26,14 @@ reset before any answer byte): the handler may hold such a request for the serve
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+import trio
 
 from proxy.headers import HOP_BY_HOP
 from proxy.upstream import (
@@ -163,6 +166,9 @@ class Forwarder:
         self._prefix = url.path.encode("utf-8")
         self._targets: dict[str, bytes] = {}
         self._methods: dict[str, bytes] = {}
+        # Trio time of the last byte of an answer from the model server (a head, or body data): the
+        # lifecycle asks it whether a server slow to answer its health check is busy or silent.
+        self.last_answer_at = -math.inf
         self._client = Http11Client(
             host, port, ssl.create_default_context() if tls else None,
             max_connections=limits.max_connections,
@@ -217,6 +223,7 @@ class Forwarder:
             response = await client.request(head, body, verb, head_timeout, idle_timeout)
         except UpstreamFailure as exc:
             raise _upstream_error(exc) from None
+        self.last_answer_at = trio.current_time()
         released = False
         started = False
         sent = 0
@@ -246,6 +253,7 @@ class Forwarder:
             started = True
             while True:
                 data = await response.read_some()
+                self.last_answer_at = trio.current_time()
                 sent += len(data)
                 if response.complete:
                     released = True

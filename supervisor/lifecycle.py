@@ -44,6 +44,9 @@ HEALTH_FAILURES_FOR_UNHEALTHY = 3  # one slow answer from a busy server is not i
 HEALTH_RETRY_MIN, HEALTH_RETRY_MAX = 0.1, 1.0  # probing a server that is still loading
 PIPE_DRAIN_TIMEOUT = 2.0  # after the tree is stopped, its last output is still read (in the background)
 LOAD_LINE_GRACE = 30.0  # default of LifecycleSettings.load_line_grace (LOAD_LINE_GRACE)
+# A health check that times out is not held against a server that answered a proxied request within
+# this window: a long non-streaming generation sends nothing until it ends, but under load others end.
+BUSY_WINDOW = 30.0
 
 Warmup = Callable[[], Awaitable[None]]
 
@@ -119,6 +122,7 @@ class Lifecycle:
         health: HealthProbe,
         warmup: Warmup = no_warmup,
         redact: Callable[[str], str] | None = None,
+        answering_since: Callable[[float], bool] | None = None,
     ) -> None:
         # None: the machine's, so that one redactor covers every reason and last_error alike.
         self._redact: Callable[[str], str] = redact if redact is not None else machine.redact
@@ -128,6 +132,9 @@ class Lifecycle:
         self.rules = rules
         self.health = health
         self.warmup = warmup
+        # Has the model server sent bytes of an answer to a proxied request since trio time t? A
+        # health check that times out while it does (within BUSY_WINDOW) is a busy server, not an ill one.
+        self._answering_since = answering_since
         self.model: ModelProcess | None = None
         self.owned_pids: set[int] = set()
         self._spawning = False  # a process may exist whose pid is not in owned_pids yet
@@ -428,14 +435,26 @@ class Lifecycle:
     async def _monitor(self, run: Run, supervised: bool) -> None:
         failures = 0
         unhealthy_since: float | None = None
+        busy_logged = False
         while True:
             await trio.sleep(self.settings.health_interval)
+            asked = trio.current_time()
             result = await self.health.sample()
             now = trio.current_time()
             if result.ok:
-                failures, unhealthy_since = 0, None
+                failures, unhealthy_since, busy_logged = 0, None, False
                 if self.machine.state is State.UNHEALTHY:
                     self.machine.try_to(State.READY, "health check passes again")
+                continue
+            if (result.timed_out and self._answering_since is not None
+                    and self._answering_since(asked - BUSY_WINDOW)):
+                # Seen with vLLM on the CPU: under load its /health took 7 s (HEALTH_TIMEOUT is 5 s)
+                # while it streamed tokens to every client. Three such checks made it `unhealthy` and
+                # refused traffic it was serving. A server answering requests is alive; only one that
+                # is silent on every front fails its checks.
+                if not busy_logged:
+                    self._log.info("health.slow_while_serving", error=result.error)
+                    busy_logged = True
                 continue
             failures += 1
             if failures >= HEALTH_FAILURES_FOR_UNHEALTHY and self.machine.state is State.READY:

@@ -298,6 +298,7 @@ def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
         )),
         LogRules.build(config.load_patterns, config.error_patterns, config.fatal_patterns, config.info_patterns),
         HealthProbe(client, config.model_server_url + config.health_endpoint, config.health_timeout),
+        answering_since=lambda since: forwarder.last_answer_at >= since,
     )
     ledger = Ledger(keep_finished=config.reporting)
     holder: list[Worker] = []  # the callables below need the worker, which needs them first

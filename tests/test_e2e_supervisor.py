@@ -301,3 +301,24 @@ def test_attach_mode_follows_a_late_and_rotated_log(shepherds: list[Shepherd], t
         server.wait()
     s.signal(signal.SIGTERM)
     assert s.wait_exit() == 0
+
+
+def test_a_server_that_answers_the_benchmark_with_errors_is_served_unmeasured_not_restarted(
+    shepherds: list[Shepherd], tmp_path: Path
+) -> None:
+    """Issue 9: an answer from a live server is never a crash. The demo server behind `--backend
+    generic` answers the OpenAI benchmark route 404: a restart would load the same server and get the
+    same 404, so shepherd goes `ready` with no measured capacity and says why."""
+    port = free_port()
+    s = Shepherd(["--backend", "generic", "--", sys.executable, str(ROOT / "backends" / "demo_server.py"),
+                  "--port", str(port)], model_port=port,
+                 env={**FAST, "BENCHMARK_CACHE": str(tmp_path / "benchmark.json"), "BENCHMARK_RUNS": "2"})
+    shepherds.append(s)
+    s.wait_state("ready")
+    status = s.status()
+    assert status["capacity_source"] == "unmeasured" and status["max_perf"] == 0
+    assert "HTTP 404" in status["capacity_error"] and "no round was served whole" in status["capacity_error"]
+    assert status["model"]["restarts"] == 0 and len(s.find("model.started")) == 1
+    warning = s.find("benchmark.unmeasured")
+    assert len(warning) == 1 and "MAX_PERF" in warning[0]["why"]
+    assert not (tmp_path / "benchmark.json").exists()  # nothing measured, nothing cached

@@ -342,3 +342,38 @@ async def test_a_grace_of_0_waits_for_the_load_line_for_good(clock: trio.testing
     assert await readiness(lifecycle, until=1000.0) == []
     heard = await readiness(lifecycle, until=1001.0, line_at=1000.5)
     assert [t.to for t in heard] == [State.WARMING, State.READY]
+
+
+# -- a busy server's slow health check (MockClock)
+
+
+class TimesOut:
+    async def sample(self) -> HealthResult:
+        await trio.sleep(5.0)  # HEALTH_TIMEOUT
+        return HealthResult(False, None, "timed out", timed_out=True)
+
+
+@pytest.mark.parametrize("answered_ago", [None, 1.0, lifecycle_module.BUSY_WINDOW + 10.0])
+async def test_a_health_check_timing_out_while_the_server_answers_requests_is_not_ill_health(
+    clock: trio.testing.MockClock, answered_ago: float | None
+) -> None:
+    """vLLM on the CPU took 7 s to answer /health under load while it served every client: busy, not
+    ill. A server silent on every front (no answer to anyone within BUSY_WINDOW) is unhealthy after
+    three timed-out checks, as before."""
+    def answering_since(since: float) -> bool:
+        return answered_ago is not None and trio.current_time() - answered_ago >= since
+
+    machine = StateMachine(trio.current_time, initial=State.READY)
+    heard = recording(machine)
+    lifecycle = make_lifecycle(machine, health=TimesOut())
+    lifecycle._answering_since = answering_since
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lifecycle._monitor, Run.new(), True)
+            await trio.sleep(100.0)
+            nursery.cancel_scope.cancel()
+    if answered_ago is not None and answered_ago < lifecycle_module.BUSY_WINDOW:
+        assert heard == [] and machine.state is State.READY
+        assert [e["event"] for e in logs].count("health.slow_while_serving") == 1  # once, not per check
+    else:
+        assert [t.to for t in heard] == [State.UNHEALTHY] and "3 health checks failed" in heard[0].reason
