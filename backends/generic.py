@@ -17,4 +17,5 @@ SPEC = BackendSpec(
     health_path="/health",
     routes=ROUTES,
     limits_kind="openai",
+    health_fallback="/v1/models",
 )

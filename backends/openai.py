@@ -71,7 +71,7 @@ def _spec(name: str, description: str, url: str, load: tuple[str, ...], errors: 
     return BackendSpec(
         name=name, description=description, default_url=url, health_path=health, load_patterns=load,
         error_patterns=errors, fatal_patterns=fatal, info_patterns=info, routes=ROUTES, metrics_path=metrics,
-        limits_kind=limits,
+        limits_kind=limits, health_fallback="/v1/models",
     )
 
 

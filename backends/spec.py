@@ -91,6 +91,8 @@ class BackendSpec:
     # Argument list; `{host}` and `{port}` are filled from the model server URL.
     default_command: tuple[str, ...] | None = None
     health_path: str = "/health"
+    # Asked when the health path answers 404 (the server has no such route): see probes/health.py.
+    health_fallback: str | None = None
     load_patterns: tuple[str, ...] = ()
     error_patterns: tuple[str, ...] = ()  # restart (supervised) / failed (attach)
     fatal_patterns: tuple[str, ...] = ()  # give up at once: retrying cannot help

@@ -302,6 +302,7 @@ class Config:
     model_log: str | None
     model_server_url: str
     health_endpoint: str
+    health_fallback: str | None
     load_patterns: tuple[str, ...]
     error_patterns: tuple[str, ...]
     fatal_patterns: tuple[str, ...]
@@ -489,6 +490,8 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         model_log=values["model_log"] or None,
         model_server_url=url,
         health_endpoint=values["health_endpoint"] or spec.health_path,
+        # A path the user chose is the one asked; the backend's fallback stands in for its own default.
+        health_fallback=None if values["health_endpoint"] else spec.health_fallback,
         load_patterns=pick("load_patterns", spec.load_patterns),
         error_patterns=pick("error_patterns", spec.error_patterns),
         fatal_patterns=pick("fatal_patterns", spec.fatal_patterns),

@@ -297,7 +297,8 @@ def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
             reset_after=config.restart_reset_after, max_failures=config.max_failures,
         )),
         LogRules.build(config.load_patterns, config.error_patterns, config.fatal_patterns, config.info_patterns),
-        HealthProbe(client, config.model_server_url + config.health_endpoint, config.health_timeout),
+        HealthProbe(client, config.model_server_url + config.health_endpoint, config.health_timeout,
+                    fallback=config.model_server_url + config.health_fallback if config.health_fallback else None),
         answering_since=lambda since: forwarder.last_answer_at >= since,
     )
     ledger = Ledger(keep_finished=config.reporting)

@@ -322,3 +322,57 @@ def test_a_server_that_answers_the_benchmark_with_errors_is_served_unmeasured_no
     warning = s.find("benchmark.unmeasured")
     assert len(warning) == 1 and "MAX_PERF" in warning[0]["why"]
     assert not (tmp_path / "benchmark.json").exists()  # nothing measured, nothing cached
+
+
+NO_HEALTH_SERVER = """
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    def _send(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": "m"}]})
+        else:
+            self._send(404, {"detail": "Not Found"})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path == "/v1/completions":
+            self._send(200, {"object": "text_completion", "choices": [{"text": "ok"}]})
+        else:
+            self._send(404, {"detail": "Not Found"})
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_a_server_with_no_load_line_and_no_health_route_still_becomes_ready(
+    shepherds: list[Shepherd], tmp_path: Path
+) -> None:
+    """Issue 9: llama-cpp-python's server under `--backend llamacpp` prints no `model loaded` and answers
+    /health 404; it stayed `loading` for good. Now /v1/models stands in for the health path and the
+    load line is waited for LOAD_LINE_GRACE, each with a warning that names what was missing."""
+    port = free_port()
+    script = tmp_path / "server.py"
+    script.write_text(NO_HEALTH_SERVER)
+    s = Shepherd(["--backend", "llamacpp", "--", sys.executable, str(script), str(port)], model_port=port,
+                 env={**FAST, "LOAD_LINE_GRACE": "1", "BENCHMARK_CACHE": str(tmp_path / "b.json"),
+                      "BENCHMARK_RUNS": "1", "BENCHMARK_CONCURRENCY": "2"})
+    shepherds.append(s)
+    s.wait_state("ready")
+    [fallback] = s.find("health.fallback")
+    assert fallback["fallback"].endswith("/v1/models") and fallback["health"].endswith("/health")
+    assert len(s.find("model.load_line_missing")) == 1
+    assert s.status()["capacity_source"] == "benchmark"
+    assert s.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
