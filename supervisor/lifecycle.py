@@ -33,6 +33,7 @@ from functools import partial
 import trio
 
 from probes.health import HealthProbe
+from supervisor.guard import OrphanGuard
 from supervisor.logs import get_logger
 from supervisor.process import ModelProcess, PipeReader, spawn, stop_tree, track
 from supervisor.restart import RestartPolicy
@@ -135,6 +136,8 @@ class Lifecycle:
         # Has the model server sent bytes of an answer to a proxied request since trio time t? A
         # health check that times out while it does (within BUSY_WINDOW) is a busy server, not an ill one.
         self._answering_since = answering_since
+        # Kills the model tree if shepherd dies without stopping it (supervisor/guard.py); set by run.py.
+        self.guard: OrphanGuard | None = None
         self.model: ModelProcess | None = None
         self.owned_pids: set[int] = set()
         self._spawning = False  # a process may exist whose pid is not in owned_pids yet
@@ -159,7 +162,10 @@ class Lifecycle:
         """The pids trio waits on, which the reaper must leave alone; None while a spawn is under
         way: the new server can exit (and be a zombie) before its pid is known here, and a reaper
         that took it would steal its exit code (trio then reads 0 for a crash)."""
-        return None if self._spawning else set(self.owned_pids)
+        if self._spawning:
+            return None
+        guard = self.guard.pid if self.guard is not None else None
+        return set(self.owned_pids) | ({guard} if guard is not None else set())
 
     # -- control from outside (signals, shutdown)
 
@@ -273,6 +279,8 @@ class Lifecycle:
             return self._after(Outcome("spawn_failed", reason))
         self.model = model
         self.owned_pids.add(model.pid)
+        if self.guard is not None:
+            self.guard.track(model.pid)
         self._log.info("model.started", pid=model.pid, command=list(self.settings.command))
         self.machine.to(State.LOADING, f"started pid {model.pid}")
         process = model.process
@@ -294,6 +302,8 @@ class Lifecycle:
                 result = await stop_tree(model, self.settings.stop_timeout)
         finally:
             self.owned_pids.discard(model.pid)
+            if self.guard is not None:
+                self.guard.forget(model.pid)
             # Workers nobody knew of may still hold the pipes: read them for a while, not for good.
             pipes.deadline = min(pipes.deadline, trio.current_time() + PIPE_DRAIN_TIMEOUT)
         self._log.info(

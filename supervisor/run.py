@@ -1,8 +1,9 @@
 """The root of the running program: runs the worker's pieces (built in `worker.py`) in one nursery.
 
-Order of a run: open the signal receiver (kept open to the end), become a subreaper, bind the HTTP
-port (a port in use ends the start with exit 2 before any model is spawned), then run the model
-lifecycle. Shutdown: `draining` (the proxy turns new work away and in-flight work finishes, up to
+Order of a run: open the signal receiver (kept open to the end), become a subreaper, start the
+watchdog that kills the model tree should shepherd die unstopped (supervised mode, supervisor/guard.py),
+bind the HTTP port (a port in use ends the start with exit 2 before any model is spawned), then run the
+model lifecycle. Shutdown: `draining` (the proxy turns new work away and in-flight work finishes, up to
 DRAIN_TIMEOUT; a second signal skips this), then the model tree is stopped (TERM, grace, KILL; a
 third signal kills it at once), then the HTTP server is stopped through its shutdown trigger.
 """
@@ -22,6 +23,7 @@ from proxy.connections import ConnectionLimits
 from proxy.server import ServerSettings, ServerStartError, check_tls_files, run_server
 from proxy.signature import KeySource, RemoteKeySource
 from supervisor.config import Config
+from supervisor.guard import OrphanGuard
 from supervisor.lifecycle import Lifecycle
 from supervisor.logs import get_logger
 from supervisor.reaper import Reaper, become_subreaper
@@ -77,77 +79,92 @@ async def _run(config: Config, signals: Any, subreaper: bool) -> int:
         lifecycle, keys = worker.lifecycle, worker.keys
         if keys is not None:
             lifecycle.warmup = _with_key(keys, lifecycle.warmup)
-        fd_soft, fd_hard = raise_fd_limit()
-        limits = worker.gate.limits = connection_limits(config, fd_soft)
-        log.info(
-            "shepherd.start", version=VERSION, backend=config.backend,
-            mode="attach" if config.attach else "supervised", port=config.worker_port,
-            model_server_url=config.model_server_url, subreaper=subreaper,
-            reporting="on" if config.reporting else "off (set REPORT_ADDR or CONTAINER_ID to report)",
-            signed_url=signed_url(config), fd_limit=fd_soft, max_connections=limits.max_connections,
-            admin=f"{config.metrics_host}:{config.metrics_port}" if config.metrics_port else "off",
-        )
-        if limits.max_connections < config.max_connections:
-            log.warning("limits.connections_lowered", asked=config.max_connections, allowed=limits.max_connections,
-                        why=f"the file descriptor limit is {fd_soft} (hard {fd_hard})")
-        shutdown = Shutdown()
-        http_stop = trio.Event()
-        settings = ServerSettings(
-            # shepherd drains in-flight requests itself (up to DRAIN_TIMEOUT) before it stops
-            # hypercorn; what hypercorn still waits for then is idle keep-alive connections, which
-            # it would otherwise hold open for the whole graceful_timeout.
-            host=config.host, port=config.worker_port, graceful_timeout=HTTP_CLOSE_GRACE,
-            certfile=config.ssl_cert if config.use_ssl else None, keyfile=config.ssl_key if config.use_ssl else None,
-            limits=limits,
-        )
-        server_done = trio.Event()
+        guard = None if config.attach else OrphanGuard()
+        if guard is not None:
+            await guard.start()
+            lifecycle.guard = guard
+        try:
+            return await _serve(config, worker, client, signals, subreaper)
+        finally:
+            if guard is not None:
+                with trio.CancelScope(shield=True):
+                    await guard.aclose()
 
-        async def serve_http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-            try:
-                await run_server(worker.app, settings, http_stop.wait, task_status=task_status,
-                                 gate=worker.gate)
-            finally:
-                server_done.set()
 
-        async with trio.open_nursery() as nursery:
+async def _serve(config: Config, worker: Worker, client: httpx.AsyncClient, signals: Any, subreaper: bool) -> int:
+    log = get_logger("supervisor")
+    lifecycle, keys = worker.lifecycle, worker.keys
+    fd_soft, fd_hard = raise_fd_limit()
+    limits = worker.gate.limits = connection_limits(config, fd_soft)
+    log.info(
+        "shepherd.start", version=VERSION, backend=config.backend,
+        mode="attach" if config.attach else "supervised", port=config.worker_port,
+        model_server_url=config.model_server_url, subreaper=subreaper,
+        reporting="on" if config.reporting else "off (set REPORT_ADDR or CONTAINER_ID to report)",
+        signed_url=signed_url(config), fd_limit=fd_soft, max_connections=limits.max_connections,
+        admin=f"{config.metrics_host}:{config.metrics_port}" if config.metrics_port else "off",
+    )
+    if limits.max_connections < config.max_connections:
+        log.warning("limits.connections_lowered", asked=config.max_connections, allowed=limits.max_connections,
+                    why=f"the file descriptor limit is {fd_soft} (hard {fd_hard})")
+    shutdown = Shutdown()
+    http_stop = trio.Event()
+    settings = ServerSettings(
+        # shepherd drains in-flight requests itself (up to DRAIN_TIMEOUT) before it stops
+        # hypercorn; what hypercorn still waits for then is idle keep-alive connections, which
+        # it would otherwise hold open for the whole graceful_timeout.
+        host=config.host, port=config.worker_port, graceful_timeout=HTTP_CLOSE_GRACE,
+        certfile=config.ssl_cert if config.use_ssl else None, keyfile=config.ssl_key if config.use_ssl else None,
+        limits=limits,
+    )
+    server_done = trio.Event()
+
+    async def serve_http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await run_server(worker.app, settings, http_stop.wait, task_status=task_status,
+                             gate=worker.gate)
+        finally:
+            server_done.set()
+
+    async with trio.open_nursery() as nursery:
+        try:
+            binds = await nursery.start(serve_http)
+        except ServerStartError as exc:
+            log.error("config.error", setting="WORKER_PORT", error=str(exc))
+            await _report_start_failure(config, client, f"Worker Server failed to launch: {exc}")
+            nursery.cancel_scope.cancel()
+            return EXIT_CONFIG
+        log.info("http.listening", binds=binds, routes=[r.path for r in config.spec.routes])
+        if config.metrics_port:
             try:
-                binds = await nursery.start(serve_http)
+                admin_binds = await nursery.start(_serve_admin, worker, config, http_stop)
             except ServerStartError as exc:
-                log.error("config.error", setting="WORKER_PORT", error=str(exc))
+                log.error("config.error", setting="METRICS_PORT", error=str(exc))
                 await _report_start_failure(config, client, f"Worker Server failed to launch: {exc}")
+                http_stop.set()
+                await server_done.wait()
                 nursery.cancel_scope.cancel()
                 return EXIT_CONFIG
-            log.info("http.listening", binds=binds, routes=[r.path for r in config.spec.routes])
-            if config.metrics_port:
-                try:
-                    admin_binds = await nursery.start(_serve_admin, worker, config, http_stop)
-                except ServerStartError as exc:
-                    log.error("config.error", setting="METRICS_PORT", error=str(exc))
-                    await _report_start_failure(config, client, f"Worker Server failed to launch: {exc}")
-                    http_stop.set()
-                    await server_done.wait()
-                    nursery.cancel_scope.cancel()
-                    return EXIT_CONFIG
-                log.info("admin.listening", binds=admin_binds, routes=["/status", "/metrics", "/ready", "/health"])
-            # Background work: an error in any of these is logged and retried, never the end of shepherd.
-            if isinstance(keys, RemoteKeySource):
-                nursery.start_soon(keep_running, "pubkey", keys.fetch_until_loaded)
-            nursery.start_soon(_signal_loop, signals, shutdown, lifecycle)
-            nursery.start_soon(keep_running, "load", worker.load.run)
-            if worker.reporter is not None:
-                nursery.start_soon(keep_running, "reporter", worker.reporter.run)
-            if subreaper:
-                nursery.start_soon(keep_running, "reaper", Reaper(lifecycle.owned).run)
-            exit_code = await _main(config, worker, shutdown)
-            http_stop.set()
-            await worker.forwarder.aclose()
-            if worker.reporter is not None:
-                # the last word (failed, stopped) and the last finished requests must reach the autoscaler
-                await worker.reporter.flush(REPORT_FLUSH_TIMEOUT)
-            await server_done.wait()  # hypercorn finishes its own graceful close first
-            nursery.cancel_scope.cancel()  # then the signal loop, the probes and the reaper
-        log.info("shepherd.exit", exit_code=exit_code, state=worker.machine.state.value)
-        return exit_code
+            log.info("admin.listening", binds=admin_binds, routes=["/status", "/metrics", "/ready", "/health"])
+        # Background work: an error in any of these is logged and retried, never the end of shepherd.
+        if isinstance(keys, RemoteKeySource):
+            nursery.start_soon(keep_running, "pubkey", keys.fetch_until_loaded)
+        nursery.start_soon(_signal_loop, signals, shutdown, lifecycle)
+        nursery.start_soon(keep_running, "load", worker.load.run)
+        if worker.reporter is not None:
+            nursery.start_soon(keep_running, "reporter", worker.reporter.run)
+        if subreaper:
+            nursery.start_soon(keep_running, "reaper", Reaper(lifecycle.owned).run)
+        exit_code = await _main(config, worker, shutdown)
+        http_stop.set()
+        await worker.forwarder.aclose()
+        if worker.reporter is not None:
+            # the last word (failed, stopped) and the last finished requests must reach the autoscaler
+            await worker.reporter.flush(REPORT_FLUSH_TIMEOUT)
+        await server_done.wait()  # hypercorn finishes its own graceful close first
+        nursery.cancel_scope.cancel()  # then the signal loop, the probes and the reaper
+    log.info("shepherd.exit", exit_code=exit_code, state=worker.machine.state.value)
+    return exit_code
 
 
 def signed_url(config: Config) -> str:

@@ -7,12 +7,13 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.harness import ROOT, TEST_MASTER_TOKEN, Shepherd, alive, base_env, free_port, kill_tree
+from tests.harness import ROOT, TEST_MASTER_TOKEN, Shepherd, alive, base_env, free_port, kill_tree, wait_until
 
 FAST = {"RESTART_DELAY": "0.05", "RESTART_MAX_DELAY": "0.2", "STOP_TIMEOUT": "5"}
 
@@ -376,3 +377,45 @@ def test_a_server_with_no_load_line_and_no_health_route_still_becomes_ready(
     assert len(s.find("model.load_line_missing")) == 1
     assert s.status()["capacity_source"] == "benchmark"
     assert s.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+@pytest.mark.parametrize("watchdog", [True, False], ids=["watchdog", "control-without-it"])
+def test_sigkill_of_shepherd_takes_the_whole_model_tree_with_it(shepherds: list[Shepherd], watchdog: bool) -> None:
+    """Issue 12: the OOM killer's SIGKILL gives shepherd no chance to stop the model server. Its
+    watchdog (supervisor/guard.py) sees shepherd's end as EOF and kills the tree, the grandchild in a
+    session of its own included. The control kills the watchdog first: the tree then lives on, so it
+    is the watchdog that kills it, not some side effect of shepherd's death."""
+    s = start(shepherds, DEMO_GRANDCHILD="1")
+    s.wait_state("ready")
+    tree = [p.pid for p in s.tree()]
+    guard = [p for p in s.tree() if "supervisor.guard" in " ".join(p.cmdline())]
+    grandchild = next(int(e["line"].rsplit("=", 1)[1]) for e in s.find("model.log") if "grandchild pid=" in e["line"])
+    assert len(guard) == 1 and s.model_pid() in tree and grandchild in tree
+    model = s.model_pid()
+    try:
+        if not watchdog:
+            os.kill(guard[0].pid, signal.SIGKILL)
+            wait_until(lambda: not alive(guard[0].pid), 10, "the watchdog to be gone")
+        os.kill(s.proc.pid, signal.SIGKILL)
+        s.proc.wait(10)
+        if watchdog:
+            wait_until(lambda: not any(alive(pid) for pid in tree), 10, "the model tree and the watchdog to be gone")
+        else:
+            deadline = time.monotonic() + 2.0  # watched for a while: nothing else kills it
+            while time.monotonic() < deadline:
+                assert alive(model) and alive(grandchild)
+                time.sleep(0.05)
+    finally:
+        kill_tree(model)
+        kill_tree(grandchild)
+
+
+def test_a_clean_stop_leaves_the_watchdog_nothing_to_kill(shepherds: list[Shepherd]) -> None:
+    s = start(shepherds)
+    s.wait_state("ready")
+    [guard] = [p.pid for p in s.tree() if "supervisor.guard" in " ".join(p.cmdline())]
+    s.signal(signal.SIGTERM)
+    assert s.wait_exit() == 0
+    assert not alive(guard)
+    stopped = s.find("model.stopped")
+    assert len(stopped) == 1 and stopped[0]["graceful"] is True  # stopped by shepherd, not by the watchdog
