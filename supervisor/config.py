@@ -136,6 +136,11 @@ def _command(text: str) -> tuple[str, ...]:
     return args
 
 
+def _lines(text: str) -> tuple[str, ...]:
+    """Newline-separated entries (blank lines skipped); a repeated flag's values are joined so too."""
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
 def _patterns(text: str) -> tuple[str, ...]:
     patterns = split_patterns(text)
     try:
@@ -156,6 +161,7 @@ class Setting:
     group: str
     metavar: str | None = None
     is_switch: bool = False  # a flag without value (`--unsecured`) for a boolean setting
+    repeatable: bool = False  # the flag may be given several times; its values are joined by newlines
 
     @property
     def label(self) -> str:
@@ -168,6 +174,12 @@ SETTINGS: tuple[Setting, ...] = (
             f"model server kind: {', '.join(sorted(BACKENDS))}", "model server"),
     Setting("model_cmd", "MODEL_CMD", "--model-cmd", _command, (),
             "command that starts the model server, as a shell-style string (or give it after `--`)", "model server"),
+    Setting("before_cmds", "BEFORE_CMDS", "--before", _lines, (),
+            "a provisioning step, run with /bin/sh before the model server (weights, packages); repeat the "
+            "flag for more steps, in order; the variable takes one per line", "model server", "CMD", repeatable=True),
+    Setting("provisioning_marker", "PROVISIONING_MARKER", "--provisioning-marker", _text, "/.provisioning",
+            "wait in `provisioning` while this file exists (Vast's base images create it while they provision)",
+            "model server", "PATH"),
     Setting("model_log", "MODEL_LOG", "--model-log", _text, None,
             "attach mode: the model server's log file to follow (no command given)", "model server", "PATH"),
     Setting("model_server_url", "MODEL_SERVER_URL", "--model-server-url", _url, None,
@@ -300,6 +312,8 @@ class Config:
     spec: BackendSpec
     command: tuple[str, ...]  # empty in attach mode
     model_log: str | None
+    before_cmds: tuple[str, ...]
+    provisioning_marker: str
     model_server_url: str
     health_endpoint: str
     health_fallback: str | None
@@ -393,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
         text = f"{s.help} [{extra}]" if extra else s.help
         if s.is_switch:
             group.add_argument(s.flag, dest=s.name, nargs="?", const="true", default=None, metavar="BOOL", help=text)
+        elif s.repeatable:
+            group.add_argument(s.flag, dest=s.name, action="append", default=None, metavar=s.metavar, help=text)
         else:
             group.add_argument(s.flag, dest=s.name, default=None, metavar=s.metavar, help=text)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="model server command, after --")
@@ -419,6 +435,8 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     values: dict[str, Any] = {}
     for s in SETTINGS:
         raw = getattr(ns, s.name)
+        if isinstance(raw, list):  # a repeatable flag
+            raw = "\n".join(raw)
         if raw is None and s.env is not None and s.env in environ:
             raw = environ[s.env]
         if raw is None:
@@ -488,6 +506,8 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         spec=spec,
         command=command,
         model_log=values["model_log"] or None,
+        before_cmds=values["before_cmds"],
+        provisioning_marker=values["provisioning_marker"],
         model_server_url=url,
         health_endpoint=values["health_endpoint"] or spec.health_path,
         # A path the user chose is the one asked; the backend's fallback stands in for its own default.

@@ -240,7 +240,7 @@ class ReportState:
         elif t.to is State.FAILED:
             self._loaded = False
             self.error_msg = t.reason
-        elif t.to in (State.RESTARTING, State.LOADING, State.WARMING):
+        elif t.to in (State.RESTARTING, State.PROVISIONING, State.LOADING, State.WARMING):
             self._loaded = False
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,7 +155,7 @@ async def _serve(config: Config, worker: Worker, client: httpx.AsyncClient, sign
         if worker.reporter is not None:
             nursery.start_soon(keep_running, "reporter", worker.reporter.run)
         if subreaper:
-            nursery.start_soon(keep_running, "reaper", Reaper(lifecycle.owned).run)
+            nursery.start_soon(keep_running, "reaper", Reaper(partial(_owned, worker)).run)
         exit_code = await _main(config, worker, shutdown)
         http_stop.set()
         await worker.forwarder.aclose()
@@ -165,6 +166,12 @@ async def _serve(config: Config, worker: Worker, client: httpx.AsyncClient, sign
         nursery.cancel_scope.cancel()  # then the signal loop, the probes and the reaper
     log.info("shepherd.exit", exit_code=exit_code, state=worker.machine.state.value)
     return exit_code
+
+
+def _owned(worker: Worker) -> set[int] | None:
+    """Every pid trio waits on (model server, provisioning step, watchdog); None while one is spawning."""
+    model, step = worker.lifecycle.owned(), worker.provisioner.owned()
+    return None if model is None or step is None else model | step
 
 
 def signed_url(config: Config) -> str:
@@ -220,10 +227,22 @@ async def _main(config: Config, worker: Worker, shutdown: Shutdown) -> int:
     log = get_logger("supervisor")
     result: list[int] = []
     model_done = trio.Event()
+    provisioning = trio.CancelScope()  # cancelled by a shutdown: a step is stopped like a server
 
     async def model_task() -> None:
-        result.append(await (lifecycle.attach() if config.attach else lifecycle.supervise()))
-        model_done.set()
+        try:
+            with provisioning:
+                error = await worker.provisioner.run()
+            if provisioning.cancelled_caught:
+                result.append(EXIT_OK)
+            elif error is not None:
+                lifecycle.last_error = error
+                machine.to(State.FAILED, error)
+                result.append(1)
+            else:
+                result.append(await (lifecycle.attach() if config.attach else lifecycle.supervise()))
+        finally:
+            model_done.set()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(model_task)
@@ -236,6 +255,7 @@ async def _main(config: Config, worker: Worker, shutdown: Shutdown) -> int:
             first.start_soon(on, shutdown.requested)
         if model_done.is_set() and not shutdown.requested.is_set():
             return result[0]  # gave up: state is `failed`
+        provisioning.cancel()
         machine.try_to(State.DRAINING, f"{shutdown.signal_name} received")
         await _drain(worker, shutdown, config.drain_timeout)
         lifecycle.request_stop()

@@ -1,6 +1,6 @@
 """The lifecycle state machine: states, the allowed transitions, and who is told. No I/O.
 
-    starting -> loading -> warming -> ready
+    starting [-> provisioning] -> loading -> warming -> ready
     ready -> unhealthy -> ready | restarting
     * -> restarting -> starting
     * -> failed            (give-up, or a fatal error)
@@ -27,6 +27,7 @@ from supervisor.redact import keep
 
 class State(enum.Enum):
     STARTING = "starting"
+    PROVISIONING = "provisioning"  # the steps before the model server (--before), or the image's own
     LOADING = "loading"
     WARMING = "warming"
     READY = "ready"
@@ -40,7 +41,9 @@ class State(enum.Enum):
 _ANY_LIVE = {State.RESTARTING, State.FAILED, State.DRAINING}
 
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.STARTING: frozenset({State.LOADING} | _ANY_LIVE),
+    State.STARTING: frozenset({State.LOADING, State.PROVISIONING} | _ANY_LIVE),
+    # One transition per step: its reason (the step) is what /status and the logs show.
+    State.PROVISIONING: frozenset({State.PROVISIONING, State.LOADING, State.FAILED, State.DRAINING}),
     State.LOADING: frozenset({State.WARMING} | _ANY_LIVE),
     State.WARMING: frozenset({State.READY} | _ANY_LIVE),
     State.READY: frozenset({State.UNHEALTHY} | _ANY_LIVE),
@@ -52,7 +55,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 }
 
 # States in which the model server may be about to serve: a request may wait for `ready`.
-COMING_UP = frozenset({State.STARTING, State.LOADING, State.WARMING, State.RESTARTING, State.UNHEALTHY})
+COMING_UP = frozenset({State.STARTING, State.PROVISIONING, State.LOADING, State.WARMING, State.RESTARTING,
+                       State.UNHEALTHY})
 
 
 def allowed(current: State, target: State) -> bool:

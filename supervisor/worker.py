@@ -47,6 +47,7 @@ from supervisor.config import Config
 from supervisor.lifecycle import Lifecycle, LifecycleSettings, WarmupFailed
 from supervisor.load import LoadMonitor
 from supervisor.logs import get_logger
+from supervisor.provision import Provisioner
 from supervisor.reporter import Reporter, ReportState, WorkerIdentity
 from supervisor.redact import Redactor, redact_value
 from supervisor.restart import BackoffSettings, RestartPolicy
@@ -56,7 +57,7 @@ from supervisor.states import State, StateMachine, Transition
 VERSION = "0.1.0"
 # States in which the model server's queue is not the clients' (no server, or the warm-up benchmark's
 # requests): the estimate ignores it until the next `ready`.
-QUEUE_NOT_CLIENTS = frozenset({State.STARTING, State.LOADING, State.WARMING, State.RESTARTING})
+QUEUE_NOT_CLIENTS = frozenset({State.STARTING, State.PROVISIONING, State.LOADING, State.WARMING, State.RESTARTING})
 
 
 def iso(ts: float) -> str:
@@ -106,6 +107,7 @@ class Worker:
     gate: ConnectionGate  # client connections of the public port (counted in /status)
     report_state: ReportState
     reporter: Reporter | None
+    provisioner: Provisioner
     started_wall: float = field(default_factory=time.time)
     state_since_wall: float = field(default_factory=time.time)
     state_changed: trio.Event = field(default_factory=trio.Event)
@@ -199,6 +201,7 @@ class Worker:
             "since": iso(self.state_since_wall),
             "reason": self.machine.reason,
             "mode": "attach" if self.config.attach else "supervised",
+            "provisioning": self.provisioner.status(),
             "backend": self.config.backend,
             "model": {
                 "pid": model.pid if model and model.process.returncode is None else None,
@@ -368,6 +371,8 @@ def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
     worker = Worker(
         config, client, machine, lifecycle, ledger, admission, forwarder, handler, load, metrics, keys, app,
         admin_app, gate, report_state, reporter,
+        Provisioner(config.before_cmds, Path(config.provisioning_marker) if config.provisioning_marker else None,
+                    machine, env=model_env(config)),
     )
     holder.append(worker)
     machine.subscribe(worker.on_transition)

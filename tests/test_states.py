@@ -15,7 +15,8 @@ LIVE = (S.STARTING, S.LOADING, S.WARMING, S.READY, S.UNHEALTHY)
 #   starting -> loading -> warming -> ready; ready -> unhealthy -> ready | restarting;
 #   * -> restarting -> starting; * -> failed; * -> draining -> stopped; failed -> loading (attach).
 EXPECTED: dict[State, set[State]] = {
-    S.STARTING: {S.LOADING, S.RESTARTING, S.FAILED, S.DRAINING},
+    S.STARTING: {S.LOADING, S.PROVISIONING, S.RESTARTING, S.FAILED, S.DRAINING},
+    S.PROVISIONING: {S.PROVISIONING, S.LOADING, S.FAILED, S.DRAINING},
     S.LOADING: {S.WARMING, S.RESTARTING, S.FAILED, S.DRAINING},
     S.WARMING: {S.READY, S.RESTARTING, S.FAILED, S.DRAINING},
     S.READY: {S.UNHEALTHY, S.RESTARTING, S.FAILED, S.DRAINING},
