@@ -181,7 +181,10 @@ SETTINGS: tuple[Setting, ...] = (
             "wait in `provisioning` while this file exists (Vast's base images create it while they provision)",
             "model server", "PATH"),
     Setting("model_log", "MODEL_LOG", "--model-log", _text, None,
-            "attach mode: the model server's log file to follow (no command given)", "model server", "PATH"),
+            "attach mode (no command given): the model server's log file to follow; supervised: a file the "
+            "server's output is also written to (Vast's portal shows /var/log/portal/*.log)", "model server", "PATH"),
+    Setting("model_log_max_bytes", "MODEL_LOG_MAX_BYTES", "--model-log-max-bytes", _int(4096, None), 50 * 1024 * 1024,
+            "supervised mode: MODEL_LOG is rotated to MODEL_LOG.1 past this size", "model server", "N"),
     Setting("model_server_url", "MODEL_SERVER_URL", "--model-server-url", _url, None,
             "where the model server listens (default: the backend's)", "model server", "URL"),
     Setting("health_endpoint", "MODEL_HEALTH_ENDPOINT", "--health-endpoint", _path, None,
@@ -312,6 +315,7 @@ class Config:
     spec: BackendSpec
     command: tuple[str, ...]  # empty in attach mode
     model_log: str | None
+    model_log_max_bytes: int
     before_cmds: tuple[str, ...]
     provisioning_marker: str
     model_server_url: str
@@ -506,6 +510,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         spec=spec,
         command=command,
         model_log=values["model_log"] or None,
+        model_log_max_bytes=values["model_log_max_bytes"],
         before_cmds=values["before_cmds"],
         provisioning_marker=values["provisioning_marker"],
         model_server_url=url,

@@ -34,6 +34,7 @@ import trio
 
 from probes.health import HealthProbe
 from supervisor.guard import OrphanGuard
+from supervisor.logfile import LogFile
 from supervisor.logs import get_logger
 from supervisor.process import ModelProcess, PipeReader, spawn, stop_tree, track
 from supervisor.restart import RestartPolicy
@@ -138,6 +139,8 @@ class Lifecycle:
         self._answering_since = answering_since
         # Kills the model tree if shepherd dies without stopping it (supervisor/guard.py); set by run.py.
         self.guard: OrphanGuard | None = None
+        # Supervised mode with MODEL_LOG: the server's lines are also copied there (supervisor/logfile.py).
+        self.log_file: LogFile | None = None
         self.model: ModelProcess | None = None
         self.owned_pids: set[int] = set()
         self._spawning = False  # a process may exist whose pid is not in owned_pids yet
@@ -210,6 +213,8 @@ class Lifecycle:
     def _on_line(self, run: Run, pid: int | None, stream: str, line: str) -> None:
         self.lines_seen += 1
         self._model_log.info("model.log", stream=stream, line=line, pid=pid)
+        if self.log_file is not None:
+            self.log_file.write_line(stream, line)
         match = self.rules.match(line)
         if match is None:
             return

@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from supervisor.logfile import LogFile
 from supervisor.logs import get_logger
 from supervisor.process import PipeReader, spawn, stop_tree
 from supervisor.states import State, StateMachine
@@ -49,6 +50,7 @@ class Provisioner:
         self.machine = machine
         self.env = env
         self.step: StepStatus | None = None
+        self.log_file: LogFile | None = None  # the model's log file, when there is one: steps write there too
         self._spawning = False
         self._pid: int | None = None
         self._log = get_logger("supervisor.provision")
@@ -99,6 +101,8 @@ class Provisioner:
         def sink(stream: str, line: str) -> None:
             step.last_line = line[:LAST_LINE_CHARS]
             self._model_log.info("model.log", stream=stream, step=step.index, line=line, pid=process.pid)
+            if self.log_file is not None:
+                self.log_file.write_line(stream, line)
 
         assert isinstance(process.process.stdout, trio.lowlevel.FdStream)
         assert isinstance(process.process.stderr, trio.lowlevel.FdStream)

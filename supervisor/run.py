@@ -152,6 +152,8 @@ async def _serve(config: Config, worker: Worker, client: httpx.AsyncClient, sign
             nursery.start_soon(keep_running, "pubkey", keys.fetch_until_loaded)
         nursery.start_soon(_signal_loop, signals, shutdown, lifecycle)
         nursery.start_soon(keep_running, "load", worker.load.run)
+        if lifecycle.log_file is not None:
+            nursery.start_soon(keep_running, "logfile", lifecycle.log_file.run)
         if worker.reporter is not None:
             nursery.start_soon(keep_running, "reporter", worker.reporter.run)
         if subreaper:

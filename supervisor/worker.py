@@ -46,6 +46,7 @@ from supervisor.benchmark import (
 from supervisor.config import Config
 from supervisor.lifecycle import Lifecycle, LifecycleSettings, WarmupFailed
 from supervisor.load import LoadMonitor
+from supervisor.logfile import LogFile
 from supervisor.logs import get_logger
 from supervisor.provision import Provisioner
 from supervisor.reporter import Reporter, ReportState, WorkerIdentity
@@ -374,6 +375,9 @@ def build_worker(config: Config, client: httpx.AsyncClient) -> Worker:
         Provisioner(config.before_cmds, Path(config.provisioning_marker) if config.provisioning_marker else None,
                     machine, env=model_env(config)),
     )
+    if config.model_log and not config.attach:
+        worker.lifecycle.log_file = worker.provisioner.log_file = LogFile(Path(config.model_log),
+                                                                          config.model_log_max_bytes)
     holder.append(worker)
     machine.subscribe(worker.on_transition)
     lifecycle.warmup = worker.warmup

@@ -419,3 +419,24 @@ def test_a_clean_stop_leaves_the_watchdog_nothing_to_kill(shepherds: list[Shephe
     assert not alive(guard)
     stopped = s.find("model.stopped")
     assert len(stopped) == 1 and stopped[0]["graceful"] is True  # stopped by shepherd, not by the watchdog
+
+
+def test_supervised_output_is_copied_to_model_log_and_rotated(shepherds: list[Shepherd], tmp_path: Path) -> None:
+    """Issue 12: Vast's portal shows /var/log/portal/*.log; in supervised mode MODEL_LOG gets the server's
+    output, rotated to MODEL_LOG.1 past MODEL_LOG_MAX_BYTES (each file stays under it, one backup)."""
+    log = tmp_path / "model.log"
+    port = free_port()
+    s = Shepherd(["--backend", "demo", "--before", "echo provisioning step says hi", "--", sys.executable,
+                  str(ROOT / "backends" / "demo_server.py"), "--port", str(port)], model_port=port,
+                 env={**FAST, "DEMO_FLOOD": "2000", "MODEL_LOG": str(log), "MODEL_LOG_MAX_BYTES": "16384",
+                      "PROVISIONING_MARKER": str(tmp_path / "none")})
+    shepherds.append(s)
+    s.wait_event(lambda e: e.get("line") == "flood done 2000", timeout=60)
+    s.signal(signal.SIGTERM)
+    assert s.wait_exit() == 0
+    rotated = log.with_name("model.log.1")
+    assert log.stat().st_size <= 16384 and 0 < rotated.stat().st_size <= 16384
+    text = rotated.read_text() + log.read_text()
+    assert "flood done 2000" in text  # the last lines made it, written before the exit
+    assert not log.with_name("model.log.2").exists()
+    assert s.find("model.started")  # it ran supervised: MODEL_LOG did not switch it to attach mode
