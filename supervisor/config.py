@@ -113,6 +113,12 @@ def _url(text: str) -> str:
     return value
 
 
+def _url_as_given(text: str) -> str:
+    """An http(s) URL checked as `_url` does, kept as written: a trailing slash can matter to a server."""
+    _url(text)
+    return text.strip()
+
+
 def _url_list(text: str) -> tuple[str, ...]:
     return tuple(_url(item) for item in text.split(",") if item.strip())
 
@@ -229,9 +235,16 @@ SETTINGS: tuple[Setting, ...] = (
     # -- HTTP
     Setting("host", "WORKER_HOST", "--host", _text, "0.0.0.0", "address to listen on", "http", "ADDR"),
     Setting("worker_port", "WORKER_PORT", "--port", _int(1, 65535), 3000, "port to listen on", "http", "PORT"),
-    Setting("use_ssl", "USE_SSL", "--ssl", _bool, False, "serve HTTPS", "http", is_switch=True),
+    Setting("use_ssl", "USE_SSL", "--ssl", _bool, None,
+            "serve HTTPS (default: on when reporting to Vast, as Vast's start script; else off)", "http",
+            is_switch=True),
     Setting("ssl_cert", "SSL_CERT", "--ssl-cert", _text, "/etc/instance.crt", "TLS certificate (PEM)", "http", "PATH"),
     Setting("ssl_key", "SSL_KEY", "--ssl-key", _text, "/etc/instance.key", "TLS private key (PEM)", "http", "PATH"),
+    Setting("sign_cert_url", "SIGN_CERT_URL", "--sign-cert-url", _url_as_given, "https://console.vast.ai/api/v0/sign_cert/",
+            "with USE_SSL and no certificate files: where the CSR is signed (`?instance_id=CONTAINER_ID`)",
+            "http", "URL"),
+    Setting("sign_cert_backoff", "SIGN_CERT_BACKOFF", "--sign-cert-backoff", _seconds, 2.0,
+            "seconds before the second of 5 signing tries, doubling", "http", "S"),
     Setting("unsecured", "UNSECURED", "--unsecured", _bool, False,
             "accept requests without a Vast signature (local, Kubernetes)", "http", is_switch=True),
     Setting("public_key_file", "PUBLIC_KEY_FILE", "--public-key", _text, None,
@@ -341,6 +354,8 @@ class Config:
     use_ssl: bool
     ssl_cert: str
     ssl_key: str
+    sign_cert_url: str
+    sign_cert_backoff: float
     unsecured: bool
     report_addr: tuple[str, ...]
     container_id: str | None
@@ -396,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="shepherd",
         description="Supervise a model server, proxy and queue its requests, report its load. "
         "Every option can also be set by the environment variable shown; a flag wins over its variable.",
-        usage="python entrypoint.py [--backend NAME] [options] [-- MODEL_SERVER_COMMAND ...]",
+        usage="%(prog)s [--backend NAME] [options] [-- MODEL_SERVER_COMMAND ...]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Without a command (after --, MODEL_CMD, or the backend's default), shepherd attaches: "
         "it follows MODEL_LOG and proxies to a server started by someone else.\n"
@@ -534,7 +549,10 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         max_failures=values["max_failures"],
         host=values["host"],
         worker_port=port,
-        use_ssl=values["use_ssl"],
+        # Vast's start script serves HTTPS unless told otherwise; a worker that reports to Vast does too.
+        use_ssl=values["use_ssl"] if values["use_ssl"] is not None else bool(report_addr),
+        sign_cert_url=values["sign_cert_url"],
+        sign_cert_backoff=values["sign_cert_backoff"],
         ssl_cert=values["ssl_cert"],
         ssl_key=values["ssl_key"],
         unsecured=values["unsecured"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 from functools import partial
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from proxy.server import ServerSettings, ServerStartError, check_tls_files, run_
 from proxy.signature import KeySource, RemoteKeySource
 from supervisor.config import Config
 from supervisor.guard import OrphanGuard
+from supervisor.tls_bootstrap import CertificateError, SignSettings, obtain_certificate
 from supervisor.lifecycle import Lifecycle
 from supervisor.logs import get_logger
 from supervisor.reaper import Reaper, become_subreaper
@@ -55,7 +57,14 @@ async def run(config: Config) -> int:
     with trio.open_signal_receiver(*SHUTDOWN_SIGNALS, signal.SIGHUP) as signals:
         if config.use_ssl:
             try:
+                await _certificate(config)
                 check_tls_files(config.ssl_cert, config.ssl_key)
+            except CertificateError as exc:
+                error = f"no TLS certificate: {exc}"
+                log.error("config.error", setting="USE_SSL", error=error)
+                async with httpx.AsyncClient(trust_env=False) as client:
+                    await _report_start_failure(config, client, f"Worker Server failed to launch: {error}")
+                return EXIT_CONFIG
             except (OSError, ValueError) as exc:
                 error = f"cannot load TLS files {config.ssl_cert}, {config.ssl_key}: {exc}"
                 log.error("config.error", setting="SSL_CERT/SSL_KEY", error=error)
@@ -168,6 +177,20 @@ async def _serve(config: Config, worker: Worker, client: httpx.AsyncClient, sign
         nursery.cancel_scope.cancel()  # then the signal loop, the probes and the reaper
     log.info("shepherd.exit", exit_code=exit_code, state=worker.machine.state.value)
     return exit_code
+
+
+async def _certificate(config: Config) -> None:
+    """With USE_SSL and no certificate files, obtain them as Vast's start script does. Raises
+    CertificateError (exit 2, after the one error report)."""
+    cert, key = Path(config.ssl_cert), Path(config.ssl_key)
+    if await trio.to_thread.run_sync(lambda: cert.exists() and key.exists()):
+        return
+    if not config.container_id:
+        raise CertificateError(f"{cert} or {key} is missing, and without CONTAINER_ID none can be signed "
+                               "(give SSL_CERT and SSL_KEY, or set USE_SSL=false)")
+    settings = SignSettings(config.sign_cert_url, config.container_id, first_delay_s=config.sign_cert_backoff)
+    async with httpx.AsyncClient(trust_env=False) as client:
+        await obtain_certificate(client, cert, key, settings)
 
 
 def _owned(worker: Worker) -> set[int] | None:

@@ -77,7 +77,7 @@ def base_env(**extra: str) -> dict[str, str]:
 class Shepherd:
     """One shepherd process. `events` holds its parsed JSON log lines, in order."""
 
-    def __init__(self, args: Iterable[str] = (), env: Mapping[str, str] | None = None, port: int | None = None,
+    def __init__(self, args: Iterable[str] = (), env: Mapping[str, str | None] | None = None, port: int | None = None,
                  model_port: int | None = None, nofile: int | None = None) -> None:
         self.port = port or free_port()
         self.model_port = model_port or free_port()
@@ -85,10 +85,13 @@ class Shepherd:
             WORKER_PORT=str(self.port), WORKER_HOST="127.0.0.1",
             MODEL_SERVER_URL=f"http://127.0.0.1:{self.model_port}", UNSECURED="true",
             DEMO_LOAD_DELAY="0.2", HEALTH_INTERVAL="0.5",
+            # Plain HTTP unless a test asks for TLS: reporting to Vast turns it on by default.
+            USE_SSL="false",
             # In secured mode /status needs it on the public port (SECURITY.md); `status()` sends it.
             MASTER_TOKEN=TEST_MASTER_TOKEN,
         )
         full_env.update(env or {})
+        full_env = {k: v for k, v in full_env.items() if v is not None}  # None: leave the variable unset
         self.master_token = full_env.get("MASTER_TOKEN", "")
 
         def limit_descriptors() -> None:  # the soft *and* hard limit, so shepherd cannot raise it

@@ -407,3 +407,13 @@ def test_limits_have_safe_defaults_and_are_checked() -> None:
         load([], **ATTACH, METRICS_PORT="3000")
     _check_message(info.value, "METRICS_PORT", "WORKER_PORT")
     assert load([], **ATTACH, MAX_CONNECTIONS="10").max_connections_per_ip == 10  # never above the total
+
+
+def test_tls_follows_vasts_default_when_reporting_to_vast() -> None:
+    """Vast's start script serves HTTPS unless USE_SSL says otherwise; so does a worker that reports to Vast."""
+    vast = {"CONTAINER_ID": "7", "PUBLIC_IPADDR": "203.0.113.7", "VAST_TCP_PORT_3000": "41000"}
+    assert load_config(["--backend", "demo"], vast).use_ssl is True
+    assert load_config(["--backend", "demo"], {**vast, "USE_SSL": "false"}).use_ssl is False
+    assert load_config(["--backend", "demo", "--unsecured"], {}).use_ssl is False  # not reporting: plain HTTP
+    config = load_config(["--backend", "demo"], {**vast, "SIGN_CERT_URL": "https://signer.example/sign_cert/"})
+    assert config.sign_cert_url == "https://signer.example/sign_cert/"  # the trailing slash is kept

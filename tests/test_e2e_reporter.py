@@ -374,7 +374,9 @@ def test_port_in_use_sends_one_launch_error_and_exits_2(fake: FakeAutoscaler) ->
 def test_missing_tls_files_send_one_launch_error_and_exit_2(fake: FakeAutoscaler, tmp_path: Path) -> None:
     port, public = free_port(), free_port()
     cert, key = tmp_path / "missing.crt", tmp_path / "missing.key"
-    env = reporting_env(fake.url, public, port, USE_SSL="true", SSL_CERT=str(cert), SSL_KEY=str(key))
+    # Nothing signs here (a closed port): the missing files cannot be made either (tests/test_e2e_tls_bootstrap.py).
+    env = reporting_env(fake.url, public, port, USE_SSL="true", SSL_CERT=str(cert), SSL_KEY=str(key),
+                        SIGN_CERT_URL=f"http://127.0.0.1:{free_port()}/sign_cert/", SIGN_CERT_BACKOFF="0.01")
     s = Shepherd(["--backend", "demo"], env=env, port=port)
     try:
         assert s.wait_exit() == 2
@@ -383,7 +385,7 @@ def test_missing_tls_files_send_one_launch_error_and_exit_2(fake: FakeAutoscaler
     received = fake.all(STATUS)
     assert len(received) == 1 and received[0].accepted, [r.body for r in received]
     body = received[0].body
-    assert "failed to launch" in body["error_msg"] and str(cert) in body["error_msg"]
+    assert "failed to launch" in body["error_msg"] and "could not be signed after 5 tries" in body["error_msg"]
     assert body["url"] == f"https://127.0.0.1:{public}"  # USE_SSL: the reported url is https
     assert body["id"] == 42 and body["mtoken"] == SECRET
     assert s.find("model.started") == []
