@@ -25,6 +25,8 @@ WORKLOAD_WAITING: Final = "shepherd_workload_waiting"
 CAPACITY_UNITS_PER_SECOND: Final = "shepherd_capacity_units_per_second"
 ESTIMATE_UTILISATION: Final = "shepherd_estimate_utilisation"
 ESTIMATE_WAIT_SECONDS: Final = "shepherd_estimate_wait_seconds"
+# 1 while requests are in flight and the GPU has been idle for the estimate's whole window (a hung server).
+ESTIMATE_STALLED: Final = "shepherd_estimate_stalled"
 STATE: Final = "shepherd_state"  # label: state; 1 for the current state, 0 for the others
 
 # Gauges: the GPUs (label: device, the index) and the host.
@@ -61,6 +63,7 @@ EXPORTED_METRICS: Final[tuple[str, ...]] = (
     CAPACITY_UNITS_PER_SECOND,
     ESTIMATE_UTILISATION,
     ESTIMATE_WAIT_SECONDS,
+    ESTIMATE_STALLED,
     STATE,
     RESTARTS_TOTAL,
     GPU_AVAILABLE,

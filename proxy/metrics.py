@@ -52,6 +52,7 @@ class MetricsView:
     model_running: float | None = None
     model_kv_cache_usage: float | None = None
     model_queue_age_seconds: float | None = None
+    stalled: bool = False
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -74,6 +75,8 @@ class _ViewCollector(Collector):
         yield from _gauge(names.ESTIMATE_UTILISATION, "Load estimate: 0 idle, 1 at capacity, >1 work waits.",
                           v.utilisation)
         yield from _gauge(names.ESTIMATE_WAIT_SECONDS, "Estimated wait for a new request.", v.wait_seconds)
+        yield from _gauge(names.ESTIMATE_STALLED, "1 while requests are in flight and the GPU stays idle.",
+                          1.0 if v.stalled else 0.0)
         state = GaugeMetricFamily(names.STATE, "Lifecycle state (1 for the current one).", labels=["state"])
         for name in v.states:
             state.add_metric([name], 1.0 if name == v.state else 0.0)

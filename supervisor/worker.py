@@ -262,6 +262,7 @@ class Worker:
             capacity=e.capacity,
             utilisation=e.utilisation,
             wait_seconds=e.wait_seconds,
+            stalled=e.stalled,
             reporter_failures=self.reporter.failures if self.reporter is not None else 0,
             gpus=gpus,
             host_cpu_percent=host.cpu_percent if host else None,
