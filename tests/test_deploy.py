@@ -52,7 +52,7 @@ def _container() -> dict[str, Any]:
 
 def test_every_file_parses_into_known_kinds() -> None:
     kinds = sorted(doc["kind"] for _, doc in _documents())
-    assert kinds == ["Deployment", "ScaledObject", "Service", "ServiceMonitor"]
+    assert kinds == ["Deployment", "PrometheusRule", "ScaledObject", "Service", "ServiceMonitor"]
     for name, doc in _documents():
         assert doc.get("apiVersion"), name
         assert doc.get("metadata", {}).get("name"), name
@@ -129,3 +129,18 @@ def test_metric_name_lists_are_consistent() -> None:
     assert set(COUNTERS) | set(HISTOGRAMS) <= set(EXPORTED_METRICS)
     assert all(name.endswith("_total") for name in COUNTERS)
     assert all(re.fullmatch(r"shepherd_[a-z0-9_]+", name) for name in EXPORTED_METRICS)
+
+
+def test_core_kinds_are_valid_against_the_kubernetes_schemas() -> None:
+    """Parsing is not validation: kubernetes-validate checks each core object against the OpenAPI
+    schema of Kubernetes 1.35 (strict: an unknown field is an error). The custom resources
+    (ServiceMonitor, PrometheusRule, ScaledObject) have no schema offline; promtool checks the rules
+    (tests/test_prometheus.py) and the tests above check the fields shepherd relies on."""
+    import kubernetes_validate
+    core = [(name, doc) for name, doc in _documents() if doc["apiVersion"] in ("v1", "apps/v1")]
+    assert {doc["kind"] for _, doc in core} >= {"Deployment", "Service"}
+    for name, doc in core:
+        kubernetes_validate.validate(doc, "1.35", strict=True)  # raises ValidationError, naming the field
+    broken = {**core[0][1], "spec": {**core[0][1]["spec"], "replicaz": 2}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, "1.35", strict=True)

@@ -23,7 +23,8 @@ def layout() -> Layout:
 
 def need(path: Path, what: str) -> Path:
     if not path.exists():
-        pytest.fail(f"{what} is not installed at {path}: run `python3 tests/real/setup_servers.py` first")
+        pytest.fail(f"{what} is not at {path}: run `python3 tests/real/setup_servers.py` first (the ComfyUI "
+                    "source is ../shared/vendor/ComfyUI beside the checkout, or COMFYUI_SOURCE)")
     return path
 
 

@@ -76,5 +76,7 @@ class Layout:
 
 
 def comfyui_source() -> Path:
-    """The vendored ComfyUI source (read-only in CI: tests copy it before running it)."""
-    return Path(__file__).resolve().parents[2].parent / "shared" / "vendor" / "ComfyUI"
+    """The vendored ComfyUI source, `../shared/vendor/ComfyUI` beside the checkout (`COMFYUI_SOURCE` for
+    a checkout elsewhere). Read-only in CI: tests copy it before running it."""
+    given = os.environ.get("COMFYUI_SOURCE")
+    return Path(given) if given else Path(__file__).resolve().parents[2].parent / "shared" / "vendor" / "ComfyUI"
