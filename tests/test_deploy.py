@@ -61,7 +61,7 @@ def test_every_file_parses_into_known_kinds() -> None:
 def test_shepherd_is_the_entrypoint() -> None:
     container = _container()
     command = container["command"]
-    assert command[:2] == ["python", "entrypoint.py"]
+    assert command[0] == "shepherd"  # the console script the example Dockerfiles install
     assert "--backend" in command
     assert command[-1] == "--"  # the model server command follows in args
     assert container["args"][0] == "vllm"
