@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from backends import demo, generic, openai, tgi
+from backends import comfyui, demo, generic, openai, tgi
 from backends.spec import BackendSpec
 
 BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
-    for spec in (demo.SPEC, generic.SPEC, tgi.SPEC, openai.VLLM, openai.SGLANG, openai.LLAMACPP, openai.OLLAMA)
+    for spec in (demo.SPEC, generic.SPEC, tgi.SPEC, openai.VLLM, openai.SGLANG, openai.LLAMACPP, openai.OLLAMA,
+                 comfyui.COMFYUI_JSON)
 }
 
 

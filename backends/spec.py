@@ -90,6 +90,8 @@ class BackendSpec:
     default_url: str
     # Argument list; `{host}` and `{port}` are filled from the model server URL.
     default_command: tuple[str, ...] | None = None
+    # With no command and no MODEL_LOG: attach to this log (the file the backend's Vast image writes).
+    default_log: str | None = None
     health_path: str = "/health"
     # Asked when the health path answers 404 (the server has no such route): see probes/health.py.
     health_fallback: str | None = None

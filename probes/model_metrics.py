@@ -9,6 +9,9 @@ This module owns the names each backend uses for its queue, and their reading:
   (waiting), `llamacpp:requests_processing` (running). Counts are summed over label sets (engines,
   models); the KV cache usage is their mean, since a fraction of several equal engines does not add up.
 - `comfyui`: `GET /queue` -> `{"queue_running": [...], "queue_pending": [...]}`, counted.
+- `comfyui-wrapper`: Vast's ComfyUI API wrapper's `GET /queue-info` -> `preprocess_queue_size`,
+  `generation_queue_size`, `postprocess_queue_size`: the first two wait, the last runs (its jobs have left
+  ComfyUI; the wrapper is uploading or posting their outputs).
 
 A metric the server does not expose reads None (not 0): the estimator then relies on the proxy alone.
 
@@ -38,7 +41,7 @@ KV_CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # in order
 _WANTED = frozenset(WAITING + RUNNING + KV_CACHE)
 _NAME_END = re.compile(r"[{\s]")
 
-KINDS = ("prometheus", "comfyui")
+KINDS = ("prometheus", "comfyui", "comfyui-wrapper")
 # Statuses meaning "no metrics at this path" (llama-server without --metrics: 501; others 404).
 NO_METRICS_STATUSES = frozenset({404, 501})
 BACKOFF_INITIAL_S = 10.0
@@ -108,6 +111,16 @@ def parse_comfyui_queue(body: Any) -> ModelQueue:
     return ModelQueue(float(len(pending)), float(len(running)), None, True, "")
 
 
+def parse_wrapper_queue(body: Any) -> ModelQueue:
+    """Queue numbers from the ComfyUI API wrapper's `GET /queue-info`. Raises ValueError on another shape."""
+    if not isinstance(body, dict):
+        raise ValueError("expected a JSON object")
+    sizes = [body.get(k) for k in ("preprocess_queue_size", "generation_queue_size", "postprocess_queue_size")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes):
+        raise ValueError("expected preprocess/generation/postprocess_queue_size counts")
+    return ModelQueue(float(sizes[0] + sizes[1]), float(sizes[2]), None, True, "")
+
+
 class ModelMetricsProbe:
     """Reads the model server's queue at `base_url + path` (`/metrics` or ComfyUI's `/queue`)."""
 
@@ -157,6 +170,8 @@ class ModelMetricsProbe:
         try:
             if self._kind == "comfyui":
                 return parse_comfyui_queue(response.json())
+            if self._kind == "comfyui-wrapper":
+                return parse_wrapper_queue(response.json())
             return parse_prometheus(response.text)
         except (ValueError, TypeError, KeyError, IndexError) as exc:
             # json.JSONDecodeError is a ValueError; the Prometheus parser raises ValueError too.

@@ -481,6 +481,8 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     url = values["model_server_url"] or spec.default_url
     if not command:
         command = values["model_cmd"]
+    if not command and not values["model_log"] and spec.default_log and not spec.default_command:
+        values["model_log"] = spec.default_log
     if not command and not values["model_log"] and spec.default_command:
         host, port_ = _host_port(url)
         command = tuple(arg.format(host=host, port=port_) for arg in spec.default_command)
