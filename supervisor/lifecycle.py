@@ -46,6 +46,9 @@ HEALTH_FAILURES_FOR_UNHEALTHY = 3  # one slow answer from a busy server is not i
 HEALTH_RETRY_MIN, HEALTH_RETRY_MAX = 0.1, 1.0  # probing a server that is still loading
 PIPE_DRAIN_TIMEOUT = 2.0  # after the tree is stopped, its last output is still read (in the background)
 LOAD_LINE_GRACE = 30.0  # default of LifecycleSettings.load_line_grace (LOAD_LINE_GRACE)
+# A server that printed a fatal line exits by itself a moment later; the lines it prints in between
+# often name the cause, and are quoted in the reason (`_with_cause`).
+FATAL_CAUSE_WAIT = 2.0
 # A health check that times out is not held against a server that answered a proxied request within
 # this window: a long non-streaming generation sends nothing until it ends, but under load others end.
 BUSY_WINDOW = 30.0
@@ -302,6 +305,8 @@ class Lifecycle:
                 watch.start_soon(self._readiness, run, True)
                 outcome = await run.receive.receive()
                 watch.cancel_scope.cancel()
+            if outcome.kind == "fatal":
+                outcome = await self._with_cause(outcome, model, readers)
             after = self._after(outcome)
             with trio.CancelScope(shield=True):
                 result = await stop_tree(model, self.settings.stop_timeout)
@@ -316,6 +321,21 @@ class Lifecycle:
             outcome=outcome.kind, reason=outcome.reason, lines=dict(model.lines),
         )
         return after
+
+    async def _with_cause(self, outcome: Outcome, model: ModelProcess, readers: tuple[PipeReader, ...]) -> Outcome:
+        """The fatal line, and the stderr lines after it: vLLM 0.32 prints `ValidationError: 1 validation
+        error for ModelConfig`, then `Value error, User-specified max_model_len (16384) is greater than the
+        derived max_model_len ...`, then exits 1. Waits up to FATAL_CAUSE_WAIT for that exit."""
+        with trio.move_on_after(FATAL_CAUSE_WAIT):
+            await model.process.wait()
+        for reader in readers:
+            reader.read_available()
+        line = outcome.reason.removeprefix("fatal line: ")
+        tail = list(model.stderr_tail)
+        after = tail[len(tail) - tail[::-1].index(line):] if line in tail else []
+        if not after:
+            return outcome
+        return Outcome("fatal", f"{outcome.reason} | {' | '.join(self._redact(text) for text in after)}")
 
     @staticmethod
     async def _read_pipes(scope: trio.CancelScope, readers: tuple[PipeReader, ...]) -> None:

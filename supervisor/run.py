@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 import signal
-from functools import partial
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,13 +26,13 @@ from proxy.server import ServerSettings, ServerStartError, check_tls_files, run_
 from proxy.signature import KeySource, RemoteKeySource
 from supervisor.config import Config
 from supervisor.guard import OrphanGuard
-from supervisor.tls_bootstrap import CertificateError, SignSettings, obtain_certificate
 from supervisor.lifecycle import Lifecycle
 from supervisor.logs import get_logger
 from supervisor.reaper import Reaper, become_subreaper
 from supervisor.reporter import WorkerIdentity, send_error_report
 from supervisor.states import State
 from supervisor.tasks import keep_running, raise_fd_limit
+from supervisor.tls_bootstrap import CertificateError, SignSettings, obtain_certificate
 from supervisor.worker import VERSION, Worker, build_worker, secrets_redactor
 
 EXIT_OK, EXIT_CONFIG = 0, 2  # 1 (gave up) is what Lifecycle.supervise returns

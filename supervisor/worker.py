@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import platform
 import time
-from functools import partial
-from pathlib import Path
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx

@@ -639,7 +639,10 @@ def test_unusable_certificate_is_exit_2(shepherds: list[Shepherd], tmp_path: Pat
     s = start(shepherds, USE_SSL="true", SSL_CERT=str(cert_file), SSL_KEY=str(key_file))
     assert s.wait_exit() == 2
     [error] = s.find("config.error")
-    assert error["setting"] == "SSL_CERT/SSL_KEY" and str(cert_file) in error["error"]
+    # A missing one could be made and signed, as Vast's start script does, but not without CONTAINER_ID
+    # (tests/test_e2e_tls_bootstrap.py); an unreadable one is the operator's to fix.
+    assert error["setting"] == ("USE_SSL" if problem == "missing" else "SSL_CERT/SSL_KEY")
+    assert str(cert_file) in error["error"]
     assert s.find("model.started") == []
 
 

@@ -152,6 +152,24 @@ async def test_a_fatal_line_just_before_the_exit_wins_over_the_exit(tmp_path: Pa
     assert heard[-1].reason == "fatal line: demo: fatal model error: ShardCannotStart"
 
 
+async def test_a_fatal_reason_quotes_the_cause_printed_after_the_line(tmp_path: Path) -> None:
+    """vLLM 0.32: `ValidationError: 1 validation error for ModelConfig`, then the cause, then exit 1."""
+    machine = StateMachine(trio.current_time)
+    heard = recording(machine)
+    body = ("sys.stderr.write('noise before\\n')\n"
+            "sys.stderr.write('demo: fatal model error: 1 validation error for ModelConfig\\n')\n"
+            "sys.stderr.write('  Value error, max_model_len is greater than the model allows\\n')\n"
+            "sys.stderr.flush()\nos._exit(1)\n")
+    lifecycle = make_lifecycle(machine, child(tmp_path, body), max_failures=5)
+    with trio.fail_after(30):
+        assert await lifecycle.supervise() == 1
+    assert [t.to for t in heard] == [State.LOADING, State.FAILED]
+    assert heard[-1].reason == (
+        "fatal line: demo: fatal model error: 1 validation error for ModelConfig | "
+        "  Value error, max_model_len is greater than the model allows"
+    )
+
+
 async def test_late_output_of_a_stopped_server_reaches_its_own_run_only(tmp_path: Path, endless_drain: None) -> None:
     machine = StateMachine(trio.current_time)
     heard = recording(machine)

@@ -7,12 +7,10 @@ skip: a skipped real test would hide exactly the drift these tests exist to catc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Shepherd
 from tests.real.layout import Layout
 
 
@@ -27,10 +25,3 @@ def need(path: Path, what: str) -> Path:
                     "source is ../shared/vendor/ComfyUI beside the checkout, or COMFYUI_SOURCE)")
     return path
 
-
-@pytest.fixture
-def shepherds() -> Iterator[list[Shepherd]]:
-    started: list[Shepherd] = []
-    yield started
-    for s in started:
-        s.close()

@@ -71,6 +71,8 @@ def test_a_model_vllm_cannot_run_exits_1_at_once(layout: Layout, tmp_path: Path,
     assert s.wait_exit(180) == 1
     failed = s.wait_state("failed")
     assert len(s.find("model.started")) == 1, failed  # given up at once, not retried
+    if case == "context-beyond-the-model":  # the cause, printed after the fatal line, is in the reason
+        assert "is greater than the derived max_model_len" in failed["reason"], failed["reason"]
     # vLLM itself takes ~15-30 s to import and build its config on 2 cores; shepherd adds no retries.
     assert time.monotonic() - started < 120
     print("vLLM broken model: exit after", round(time.monotonic() - started, 1), "s:", failed["reason"][:300])
