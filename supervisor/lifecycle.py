@@ -36,7 +36,7 @@ from probes.health import HealthProbe
 from supervisor.guard import OrphanGuard
 from supervisor.logfile import LogFile
 from supervisor.logs import get_logger
-from supervisor.process import ModelProcess, PipeReader, spawn, stop_tree, track
+from supervisor.process import ModelProcess, PipeReader, pipe_readers, spawn, stop_tree, track
 from supervisor.restart import RestartPolicy
 from supervisor.rules import Kind, LogRules
 from supervisor.states import State, StateMachine
@@ -168,10 +168,7 @@ class Lifecycle:
         """The pids trio waits on, which the reaper must leave alone; None while a spawn is under
         way: the new server can exit (and be a zombie) before its pid is known here, and a reaper
         that took it would steal its exit code (trio then reads 0 for a crash)."""
-        if self._spawning:
-            return None
-        guard = self.guard.pid if self.guard is not None else None
-        return set(self.owned_pids) | ({guard} if guard is not None else set())
+        return None if self._spawning else set(self.owned_pids)
 
     # -- control from outside (signals, shutdown)
 
@@ -291,11 +288,7 @@ class Lifecycle:
             self.guard.track(model.pid)
         self._log.info("model.started", pid=model.pid, command=list(self.settings.command))
         self.machine.to(State.LOADING, f"started pid {model.pid}")
-        process = model.process
-        assert isinstance(process.stdout, trio.lowlevel.FdStream)
-        assert isinstance(process.stderr, trio.lowlevel.FdStream)
-        sink = self._sink(run, model)
-        readers = (PipeReader(process.stdout, "stdout", model, sink), PipeReader(process.stderr, "stderr", model, sink))
+        readers = pipe_readers(model, self._sink(run, model))
         pipes = trio.CancelScope()
         leftovers.start_soon(self._read_pipes, pipes, readers)
         try:

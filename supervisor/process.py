@@ -87,6 +87,14 @@ async def spawn(command: Sequence[str], env: Mapping[str, str] | None = None) ->
     return model
 
 
+def pipe_readers(model: ModelProcess, sink: LineSink) -> tuple[PipeReader, PipeReader]:
+    """The readers of a process started by `spawn`: its stdout and its stderr, into one sink."""
+    process = model.process
+    assert isinstance(process.stdout, trio.lowlevel.FdStream)
+    assert isinstance(process.stderr, trio.lowlevel.FdStream)
+    return PipeReader(process.stdout, "stdout", model, sink), PipeReader(process.stderr, "stderr", model, sink)
+
+
 class PipeReader:
     """One output pipe of the model server, read line by line into `sink`.
 

@@ -24,7 +24,7 @@ import trio
 
 from supervisor.logfile import LogFile
 from supervisor.logs import get_logger
-from supervisor.process import PipeReader, spawn, stop_tree
+from supervisor.process import pipe_readers, spawn, stop_tree
 from supervisor.states import State, StateMachine
 
 MARKER_POLL_S = 1.0
@@ -104,10 +104,7 @@ class Provisioner:
             if self.log_file is not None:
                 self.log_file.write_line(stream, line)
 
-        assert isinstance(process.process.stdout, trio.lowlevel.FdStream)
-        assert isinstance(process.process.stderr, trio.lowlevel.FdStream)
-        readers = (PipeReader(process.process.stdout, "stdout", process, sink),
-                   PipeReader(process.process.stderr, "stderr", process, sink))
+        readers = pipe_readers(process, sink)
         try:
             async with trio.open_nursery() as pipes:
                 for reader in readers:

@@ -196,7 +196,10 @@ async def _certificate(config: Config) -> None:
 def _owned(worker: Worker) -> set[int] | None:
     """Every pid trio waits on (model server, provisioning step, watchdog); None while one is spawning."""
     model, step = worker.lifecycle.owned(), worker.provisioner.owned()
-    return None if model is None or step is None else model | step
+    if model is None or step is None:
+        return None
+    guard = worker.lifecycle.guard.pid if worker.lifecycle.guard is not None else None
+    return model | step | ({guard} if guard is not None else set())
 
 
 def signed_url(config: Config) -> str:

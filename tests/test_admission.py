@@ -44,16 +44,20 @@ class Readiness:
 
 
 class World:
-    def __init__(self, *, ready: bool = True, capacity: float = 0.0) -> None:
+    def __init__(self, *, ready: bool = True, capacity: float = 0.0, gone: bool | None = None) -> None:
+        """`gone`: whether the supervised process has exited (`self.gone`, for the test to change);
+        None: no process to look at, as in attach mode."""
         self.ledger = Ledger()
         self.readiness = Readiness(ready)
         self.capacity = capacity
+        self.gone = bool(gone)
         self.admission = Admission(
             self.ledger,
             capacity=lambda: self.capacity,
             is_ready=self.readiness.is_ready,
             ready_changed=self.readiness.changed,
             wall_clock=trio.current_time,
+            **({"server_gone": lambda: self.gone} if gone is not None else {}),
         )
 
     def admit(self, route: Route, workload: float = 1.0, idx: int | None = None) -> RequestRecord:
@@ -315,10 +319,7 @@ async def test_no_comeback_past_the_queue_time(clock: trio.testing.MockClock) ->
 async def test_a_server_known_gone_is_awaited_past_down_within(clock: trio.testing.MockClock) -> None:
     """The process has exited but the state machine is late to say so (a busy supervisor): the
     request must not give up after `down_within` with a 502, it waits for the restart."""
-    gone = [True]
-    world = World(ready=True)
-    world.admission = Admission(world.ledger, lambda: 0.0, world.readiness.is_ready, world.readiness.changed,
-                                wall_clock=trio.current_time, server_gone=lambda: gone[0])
+    world = World(ready=True, gone=True)
     result: list[Comeback] = []
 
     async def request() -> None:
@@ -328,7 +329,7 @@ async def test_a_server_known_gone_is_awaited_past_down_within(clock: trio.testi
         nursery.start_soon(request)
         await trio.sleep(3.0)  # well past down_within
         world.readiness.set(False)
-        gone[0] = False  # the new process runs
+        world.gone = False  # the new process runs
         await trio.sleep(2.0)
         world.readiness.set(True)
     assert result == [Comeback.RETRY]
@@ -338,10 +339,7 @@ async def test_a_server_known_gone_is_awaited_past_down_within(clock: trio.testi
 async def test_a_death_found_only_after_down_within_is_awaited(clock: trio.testing.MockClock) -> None:
     """Still alive at the refusal (the kernel closes the socket a moment before the process is
     gone), exited by the end of `down_within`: the request waits for the restart."""
-    gone = [False]
-    world = World(ready=True)
-    world.admission = Admission(world.ledger, lambda: 0.0, world.readiness.is_ready, world.readiness.changed,
-                                wall_clock=trio.current_time, server_gone=lambda: gone[0])
+    world = World(ready=True, gone=False)
     result: list[Comeback] = []
 
     async def request() -> None:
@@ -350,7 +348,7 @@ async def test_a_death_found_only_after_down_within_is_awaited(clock: trio.testi
     async with trio.open_nursery() as nursery:
         nursery.start_soon(request)
         await trio.sleep(0.001)
-        gone[0] = True
+        world.gone = True
         await trio.sleep(2.0)
         assert result == []
         world.readiness.set(False)
